@@ -1,0 +1,42 @@
+"""cuma: demographic-aware mixtures of LoRA experts (CuMA) and the tools around them for pluralistic alignment."""
+
+from __future__ import annotations
+
+from ._registry import register_tuner
+from .routing import GateRecord, clear_balance_loss, pop_balance_loss, record_gates
+from .tuners.cuma import CUMA_PEFT_TYPE, CuMAConfig, CuMAModel
+
+__version__ = "0.1.0"
+
+register_tuner(CUMA_PEFT_TYPE, CuMAConfig, CuMAModel, prefix="cuma_", takes_profile=True)
+
+
+def __getattr__(name):
+    # heavier components load on first use (transformers models, the profile encoder)
+    if name in ("ProfileEncoder",):
+        from .encoder import ProfileEncoder
+
+        return ProfileEncoder
+    if name in ("Profile",):
+        from .profiles import Profile
+
+        return Profile
+    if name in ("models",):
+        import importlib
+
+        return importlib.import_module(".models", __name__)
+    raise AttributeError(f"module 'cuma' has no attribute {name!r}")
+
+
+__all__ = [
+    "CUMA_PEFT_TYPE",
+    "CuMAConfig",
+    "CuMAModel",
+    "GateRecord",
+    "Profile",
+    "ProfileEncoder",
+    "clear_balance_loss",
+    "pop_balance_loss",
+    "record_gates",
+    "register_tuner",
+]

@@ -1,0 +1,1 @@
+"""PEFT tuners of this project, one package each (config.py, layer.py, model.py), registered at ``import cuma``."""

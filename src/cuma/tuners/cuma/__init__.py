@@ -1,0 +1,5 @@
+from .config import CUMA_PEFT_TYPE, CuMAConfig
+from .layer import CuMALayer, Linear, RoutingContext
+from .model import CuMAModel
+
+__all__ = ["CUMA_PEFT_TYPE", "CuMAConfig", "CuMALayer", "CuMAModel", "Linear", "RoutingContext"]

@@ -1,0 +1,121 @@
+"""Configuration of the CuMA tuner (demographic-aware mixture of LoRA experts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+CUMA_PEFT_TYPE = "CUMA"
+
+
+@dataclass
+class CuMAConfig(PeftConfig):
+    """Options of a CuMA adapter.
+
+    Every targeted ``nn.Linear`` keeps its frozen weight and gains ``num_experts`` LoRA experts. A router per
+    adapted projection reads ``concat(h_t, e_d)`` (token hidden state, profile embedding) and keeps the ``top_k``
+    experts per token: ``y = W0 x + scaling * sum_{i in topk} g_i B_i A_i dropout(x)``.
+
+    Defaults are the paper's (N=8, k=2, r=8, alpha=16, router hidden 256, lambda_aux 0.01, q_proj + v_proj).
+    """
+
+    r: int = field(default=8, metadata={"help": "LoRA rank of each expert."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha; scaling = alpha / r (or alpha / sqrt(r))."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the expert input."})
+    use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha / sqrt(r) (rsLoRA)."})
+    num_experts: int = field(default=8, metadata={"help": "Number of LoRA experts N per adapted projection."})
+    top_k: int = field(default=2, metadata={"help": "Experts kept per token; ignored when soft_routing is on."})
+    soft_routing: bool = field(default=False, metadata={"help": "Dense gates over all experts (the soft ablation)."})
+    shared_A: bool = field(
+        default=False, metadata={"help": "One A shared by all experts (HydraLoRA-style) instead of one A per expert."}
+    )
+    profile_dim: int = field(
+        default=384,
+        metadata={"help": "Width of the profile_embeds given to forward; 0 = semantic-only routing (no profile)."},
+    )
+    profile_proj_layers: int = field(
+        default=0, metadata={"help": "Trainable projection of the profile embedding: 0 (none), 1 or 2 layers."}
+    )
+    profile_proj_dim: Optional[int] = field(
+        default=None, metadata={"help": "Output width of the profile projection (default: profile_dim)."}
+    )
+    router_hidden: int = field(default=256, metadata={"help": "Hidden width of the router MLP."})
+    router_layers: int = field(default=2, metadata={"help": "Linear layers in the router (1 = linear router)."})
+    router_dropout: float = field(default=0.0, metadata={"help": "Dropout inside the router MLP."})
+    share_router_qkv: bool = field(
+        default=False, metadata={"help": "One router per attention block shared by q_proj/k_proj/v_proj."}
+    )
+    share_router_gate_up: bool = field(
+        default=False, metadata={"help": "One router per MLP block shared by gate_proj/up_proj."}
+    )
+    balance_loss_coef: float = field(
+        default=0.01, metadata={"help": "lambda_aux: weight of the Switch load-balancing term (0 disables it)."}
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names (or a regex) to adapt; default q_proj and v_proj."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip."})
+    init_weights: bool = field(
+        default=True, metadata={"help": "B = 0 at initialisation, so the adapted model starts as the base model."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
+    modules_to_save: Optional[list[str]] = field(default=None)
+    bias: Literal["none"] = field(default="none", metadata={"help": "Bias training is not supported."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = CUMA_PEFT_TYPE
+        if self.target_modules is None:
+            self.target_modules = ["q_proj", "v_proj"]
+        self.target_modules = (
+            set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        )
+        self.exclude_modules = (
+            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
+        )
+        self.validate()
+
+    @property
+    def effective_top_k(self) -> int:
+        return self.num_experts if self.soft_routing else self.top_k
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (self.r**0.5) if self.use_rslora else self.lora_alpha / self.r
+
+    @property
+    def router_profile_dim(self) -> int:
+        """Width of the profile vector the router actually sees (after the optional projection)."""
+        if self.profile_dim == 0:
+            return 0
+        if self.profile_proj_layers > 0:
+            return self.profile_proj_dim or self.profile_dim
+        return self.profile_dim
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"CuMAConfig: {msg}")
+
+        need(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}")
+        need(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")
+        need(
+            self.soft_routing or 1 <= self.top_k <= self.num_experts,
+            f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}",
+        )
+        need(self.profile_dim >= 0, f"profile_dim must be >= 0 (0 = no profile), got {self.profile_dim}")
+        need(self.profile_proj_layers in (0, 1, 2), f"profile_proj_layers must be 0, 1 or 2, got {self.profile_proj_layers}")
+        need(
+            not (self.profile_proj_layers and self.profile_dim == 0),
+            "profile_proj_layers > 0 needs profile_dim > 0",
+        )
+        need(self.router_layers >= 1, f"router_layers must be >= 1, got {self.router_layers}")
+        need(self.router_hidden >= 1, f"router_hidden must be >= 1, got {self.router_hidden}")
+        need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        need(0.0 <= self.router_dropout < 1.0, f"router_dropout must be in [0, 1), got {self.router_dropout}")
+        need(self.balance_loss_coef >= 0, f"balance_loss_coef must be >= 0, got {self.balance_loss_coef}")
+        need(self.bias == "none", f"bias must be 'none', got {self.bias!r}")
