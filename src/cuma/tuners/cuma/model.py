@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from typing import Optional
 
@@ -15,6 +16,8 @@ from .layer import CuMALayer, Linear, RoutingContext
 # projection groups that may share one router: they read the same input tensor inside one block
 _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
+# keywords with which generate() (transformers 5: `cache`; older: `past_key_values`) calls the base model
+_GENERATION_KWARGS = ("cache", "past_key_values")
 
 
 def build_profile_projection(config: CuMAConfig) -> Optional[nn.Module]:
@@ -51,7 +54,7 @@ class _CaptureCallInputs:
             ctx.rows_profile = e
         elif rows % e.shape[0] == 0:
             times = rows // e.shape[0]
-            if kwargs.get("past_key_values") is not None:
+            if any(kwargs.get(k) is not None for k in _GENERATION_KWARGS):
                 # generation: transformers expands each row in place for beams / returned sequences
                 ctx.rows_profile = e.repeat_interleave(times, dim=0)
             else:
@@ -88,6 +91,12 @@ class CuMAModel(BaseTuner):
             if first is not None and first.device.type != "meta":
                 proj = proj.to(first.device)
             self.cuma_profile_proj[adapter_name] = proj
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # PEFT only strips an adapter name in the last two positions of a key; routers and projections are modules
+        # (cuma_router.<adapter>.layers.0.weight), so strip it right after any cuma_ container wherever it is
+        return re.sub(rf"(\.{cls.prefix}[A-Za-z_]+)\.{re.escape(adapter_name)}(?=\.|$)", r"\1", key)
 
     def _prepare_adapter_config(self, peft_config: CuMAConfig, model_config: dict) -> CuMAConfig:
         return peft_config
