@@ -151,6 +151,11 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
 def write_json(path: Optional[str], payload: dict) -> None:
     if not path:
         return
+    if isinstance(payload.get("env"), dict):
+        try:
+            payload["env"]["loadavg_at_end"] = os.getloadavg()
+        except OSError:  # pragma: no cover
+            pass
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     with open(path, "w") as f:

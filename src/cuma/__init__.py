@@ -40,3 +40,11 @@ __all__ = [
     "record_gates",
     "register_tuner",
 ]
+
+# HydraLoRA and MixLoRA baselines (registered with PEFT like CuMA; neither takes a profile)
+from .tuners.hydralora import HYDRALORA_PEFT_TYPE, HydraLoRAConfig, HydraLoRAModel  # noqa: E402
+from .tuners.mixlora import MIXLORA_PEFT_TYPE, MixLoRAConfig, MixLoRAModel  # noqa: E402
+
+register_tuner(HYDRALORA_PEFT_TYPE, HydraLoRAConfig, HydraLoRAModel, prefix="hydralora_", takes_profile=False)
+register_tuner(MIXLORA_PEFT_TYPE, MixLoRAConfig, MixLoRAModel, prefix="mixlora_", takes_profile=False)
+__all__ += ["HYDRALORA_PEFT_TYPE", "HydraLoRAConfig", "HydraLoRAModel", "MIXLORA_PEFT_TYPE", "MixLoRAConfig", "MixLoRAModel"]

@@ -1,5 +1,6 @@
 """`cuma` command line. Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
-``run(args) -> int``; this file only dispatches, so commands stay thin and testable."""
+``run(args) -> int``; this file only dispatches, so commands stay thin and testable. A command with its own
+sub-commands (``cuma data wvb``) adds a nested subparser in its ``add_arguments`` and dispatches in ``run``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("cuma.demo", "run the main job on the embedded offline defaults"),
     "params": ("cuma.accounting", "count trainable parameters of a method on a base model (meta device)"),
+    "data": ("cuma.data.cli", "prepare data sets (wvb, synth)"),
+    "eval": ("cuma.evaluate.cli", "evaluate a model or adapter (wvb)"),
 }
 
 

@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
@@ -35,6 +36,10 @@ import torch
 from torch import nn
 
 METHOD_FILE = "cuma_method.json"
+# prefix only: the trainable prompt-encoder state (embedding + MLP) that PEFT's adapter file does not keep
+PREFIX_STATE_FILE = "prefix_encoder.safetensors"
+# what trainer_callback writes into each trainer checkpoint of a prefix run (Trainer resumes from it)
+TRAINER_STATE_FILE = "model.safetensors"
 
 # --------------------------------------------------------------------------------------------------------------
 # options
@@ -116,7 +121,7 @@ def _as_modules(value: Any):
             return text
         names = [v.strip() for v in text.split(",") if v.strip()]
         return names or None
-    if isinstance(value, (list, tuple, set, frozenset)) and value and all(isinstance(v, str) for v in value):
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
     return None
 
@@ -315,9 +320,22 @@ def check_target_modules(model: nn.Module, targets, method: str = "") -> None:
 # builders
 
 
+def gradient_checkpointing_on(model: nn.Module) -> bool:
+    """Whether any submodule of ``model`` has gradient (activation) checkpointing switched on."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 def _disable_gradient_checkpointing(model: nn.Module) -> None:
-    if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()
+    if not gradient_checkpointing_on(model):
+        return
+    for attr in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
+        fn = getattr(model, attr, None)
+        if callable(fn):
+            fn()
+            break
+    for m in model.modules():  # anything the model-level switch did not reach
+        if getattr(m, "gradient_checkpointing", False) is True:
+            m.gradient_checkpointing = False
 
 
 def _lora_builder(use_dora: bool):
@@ -593,12 +611,16 @@ register(
             "lora_alpha": Option("int", None, "LoRA alpha (default 2*r)"),
             "lora_dropout": Option("float", 0.05, "dropout on the LoRA input"),
             "num_experts": Option("int", 8, "number of B heads"),
-            "target_modules": Option("modules", ["q_proj", "v_proj"], "modules to adapt"),
+            "target_modules": Option(
+                "modules", ["q_proj", "v_proj"], "modules to adapt (the CuMA paper's comparison: q_proj, v_proj)"
+            ),
             "use_rslora": Option("bool", False, "scale by alpha/sqrt(r)"),
             "router_hidden": Option(
                 "int", 0, "router hidden width: 0 = linear bias-free router (HydraLoRA); 256 = the CuMA paper's count"
             ),
+            "router_bias": Option("bool", None, "router biases (default: none for the linear router, yes for the MLP)"),
             "init_weights": Option("bool", True, "B = 0 at init (False: random B, for tests)"),
+            "layers_to_transform": Option("int_list", None, "only these layer indices"),
             "modules_to_save": Option("modules", None, "extra modules trained in full and saved with the adapter"),
             "profile_in_prompt": _PIP,
         },
@@ -608,6 +630,9 @@ register(
             "the CuMA paper's 2.31% for HydraLoRA r=64 counts a 256-wide MLP router per projection; the faithful "
             "default is HydraLoRA's linear bias-free router (router_hidden=0); pass router_hidden=256 to match "
             "the table",
+            "adapts q_proj and v_proj by default, like every adapter in the CuMA paper's comparison (HydraLoRA's own "
+            "experiments and the tuner's config default adapt the FFN gate/up/down projections)",
+            "r=64 (alpha 128) by default, the CuMA paper's HydraLoRA row (the tuner's own default is r=8)",
         ),
     )
 )
@@ -618,13 +643,24 @@ register(
         summary="per-FFN-block router (top-2 of 8), experts = frozen FFN + own LoRA, plain LoRA on attention",
         paper="Li et al., MixLoRA: Enhancing LLMs Fine-Tuning with LoRA-based Mixture of Experts (arXiv:2404.15159)",
         options={
-            "r": Option("int", 8, "LoRA rank"),
+            "r": Option("int", 8, "LoRA rank of the attention LoRA (and of the experts unless expert_r)"),
             "lora_alpha": Option("int", None, "LoRA alpha (default 2*r)"),
-            "lora_dropout": Option("float", 0.05, "dropout on the LoRA input"),
+            "lora_dropout": Option("float", 0.05, "dropout on the LoRA inputs"),
+            "use_rslora": Option("bool", False, "scale by alpha/sqrt(r)"),
+            "expert_r": Option("int", None, "rank of the expert LoRAs (default r)"),
+            "expert_alpha": Option("int", None, "alpha of the expert LoRAs (default lora_alpha)"),
+            "expert_dropout": Option("float", None, "dropout of the expert LoRAs (default lora_dropout)"),
             "num_experts": Option("int", 8, "FFN experts per block"),
             "top_k": Option("int", 2, "experts kept per token"),
             "router_aux_loss_coef": Option("float", 0.001, "weight of the Mixtral load-balancing loss"),
-            "target_modules": Option("modules", None, "attention modules given plain LoRA (tuner default)"),
+            "router_init_range": Option("float", 0.02, "std of the router initialisation"),
+            "target_modules": Option(
+                "modules", ["q_proj", "k_proj", "v_proj", "o_proj"], "attention projections given a plain LoRA"
+            ),
+            "ffn_modules": Option("modules", ["mlp"], "FFN blocks turned into mixtures of experts"),
+            "init_weights": Option("bool", True, "LoRA B = 0 at init (False: random B, for tests)"),
+            "layers_to_transform": Option("int_list", None, "only these layer indices"),
+            "modules_to_save": Option("modules", None, "extra modules trained in full and saved with the adapter"),
             "profile_in_prompt": _PIP,
         },
         builder=_build_mixlora,
@@ -698,25 +734,16 @@ def _count(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """PEFT reads transformers' deprecated ``is_gradient_checkpointing`` property on every model it wraps."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _uses_profile(spec: MethodSpec, options: dict) -> bool:
     return spec.profile_routing and int(options.get("profile_dim") or 0) > 0
-
-
-def _check_mixlora_targets(base: nn.Module, options: dict) -> None:
-    if options.get("target_modules") is None:
-        try:
-            from .tuners.mixlora import MixLoRAConfig
-        except ImportError:
-            return
-        import dataclasses
-
-        for f in dataclasses.fields(MixLoRAConfig):
-            if f.name == "target_modules":
-                default = f.default if f.default is not dataclasses.MISSING else None
-                if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                    default = f.default_factory()  # type: ignore[misc]
-                if default is not None:
-                    check_target_modules(base, _as_modules(default) if not isinstance(default, set) else sorted(default), "mixlora")
 
 
 def build(name: str, base_model: nn.Module, **options) -> BuiltMethod:
@@ -730,16 +757,12 @@ def build(name: str, base_model: nn.Module, **options) -> BuiltMethod:
     resolved = resolve_options(name, options)
     if not isinstance(base_model, nn.Module):
         raise ValueError(f"base_model must be a torch.nn.Module (a transformers model), got {type(base_model).__name__}")
-    targets = resolved.get("target_modules")
-    if targets is not None:
-        check_target_modules(base_model, targets, name)
-    elif name == "mixlora":
-        _check_mixlora_targets(base_model, resolved)
-    for key in ("modules_to_save",):
+    for key in ("target_modules", "modules_to_save", "ffn_modules"):
         if resolved.get(key):
             check_target_modules(base_model, resolved[key], name)
     _, base_params = _count(base_model)
-    model = spec.builder(base_model, resolved)
+    with _quiet_peft():
+        model = spec.builder(base_model, resolved)
     if not spec.gradient_checkpointing_allowed:
         _disable_gradient_checkpointing(model)
     trainable, total = _count(model)
@@ -765,6 +788,10 @@ def save(built: BuiltMethod, out_dir: str | os.PathLike) -> str:
     fmt = built.spec.save_format
     if fmt in ("adapter", "full"):
         built.model.save_pretrained(out)
+    if built.spec.name == "prefix":
+        # PEFT's adapter file holds only the computed prefix (the reparameterising MLP is dropped), enough for
+        # inference but not to train on; keep the trainable state too so that load_weights can resume from it
+        save_trainable_state(built, out, PREFIX_STATE_FILE)
     with open(os.path.join(out, METHOD_FILE), "w") as fh:
         json.dump(built.record(), fh, indent=2, sort_keys=True)
     return out
@@ -780,11 +807,13 @@ def read_record(path: str | os.PathLike) -> Optional[dict]:
 
 
 PREFIX_TRAINABLE_RELOAD_ERROR = (
-    "a 'prefix' (P-Tuning v2) adapter cannot be reloaded as trainable: PEFT refuses to load any prompt-learning "
-    "adapter with is_trainable=True (and so does Trainer(resume_from_checkpoint=...) through PeftModel.load_adapter). "
-    "To resume training, build the method fresh with cuma.methods.build('prefix', base_model, **options) and copy the "
-    "saved weights in with cuma.methods.load_weights(built, checkpoint_dir) before training; optimizer and scheduler "
-    "state come from the trainer checkpoint. Loading for inference (is_trainable=False) works."
+    "a 'prefix' (P-Tuning v2) adapter cannot be reloaded as trainable: PEFT refuses to load a prompt-learning adapter "
+    "with is_trainable=True, and its adapter file keeps only the computed prefix, not the reparameterising MLP that "
+    "training updates. Resume training from a trainer checkpoint instead: train with "
+    "callbacks=[cuma.methods.trainer_callback(built)] and call trainer.train(resume_from_checkpoint=...), or build the "
+    "method fresh with cuma.methods.build('prefix', base_model, **options) and copy the trainable state in with "
+    "cuma.methods.load_weights(built, path) (path = a cuma.methods.save() folder or such a trainer checkpoint). "
+    "Loading for inference (is_trainable=False) works."
 )
 
 
@@ -821,7 +850,8 @@ def load(
         if name == "prefix":
             _disable_gradient_checkpointing(base_model)
         _, base_params = _count(base_model)
-        model = PeftModel.from_pretrained(base_model, path, is_trainable=is_trainable)
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(base_model, path, is_trainable=is_trainable)
     elif spec.save_format == "full":
         from transformers import AutoModelForCausalLM
 
@@ -840,6 +870,8 @@ def load(
         model = _build_prompting(base_model, resolved)
     if not is_trainable:
         model.eval()
+        for p in model.parameters():  # PEFT leaves a reloaded prompt encoder trainable
+            p.requires_grad_(False)
     trainable, total = _count(model)
     return BuiltMethod(
         model=model,
@@ -854,19 +886,86 @@ def load(
     )
 
 
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trainable_state(built: BuiltMethod, out_dir: str | os.PathLike, filename: str = PREFIX_STATE_FILE) -> str:
+    """Write the trainable parameters of ``built.model`` (keys as in ``model.named_parameters()``) to
+    ``out_dir/filename`` as safetensors."""
+    from safetensors.torch import save_file
+
+    path = os.path.join(os.fspath(out_dir), filename)
+    save_file(_trainable_state(built.model), path, metadata={"format": "pt", "cuma_method": built.spec.name})
+    return path
+
+
 def load_weights(built: BuiltMethod, path: str | os.PathLike) -> BuiltMethod:
-    """Copy saved adapter weights into an already built (trainable) model, e.g. to resume ``prefix`` training."""
+    """Copy saved weights into an already built, trainable model, e.g. to resume ``prefix`` training.
+
+    ``path``: a :func:`save` folder, or a trainer checkpoint (for ``prefix`` one written with
+    :func:`trainer_callback`; for other adapters any PEFT checkpoint)."""
+    path = os.fspath(path)
     if built.spec.save_format != "adapter":
         raise ValueError(f"load_weights is for adapter methods; {built.spec.name!r} saves as {built.spec.save_format!r}")
+    if built.spec.name == "prefix":
+        from safetensors.torch import load_file
+
+        for fname in (PREFIX_STATE_FILE, TRAINER_STATE_FILE):
+            f = os.path.join(path, fname)
+            if os.path.isfile(f):
+                break
+        else:
+            raise FileNotFoundError(
+                f"{path} holds no trainable prefix state ({PREFIX_STATE_FILE} from cuma.methods.save, or "
+                f"{TRAINER_STATE_FILE} from cuma.methods.trainer_callback): PEFT's adapter file alone cannot be "
+                "trained on"
+            )
+        state = load_file(f)
+        expected = {n: tuple(p.shape) for n, p in built.model.named_parameters() if p.requires_grad}
+        wrong = sorted(n for n in set(state) & set(expected) if tuple(state[n].shape) != expected[n])
+        if set(state) != set(expected) or wrong:
+            raise ValueError(
+                f"{f} does not fit this prefix model: missing {sorted(set(expected) - set(state))[:5]}, "
+                f"unexpected {sorted(set(state) - set(expected))[:5]}, other shape {wrong[:5]} "
+                "(built with different options?)"
+            )
+        built.model.load_state_dict(state, strict=False)
+        return built
+    import cuma  # noqa: F401  (registers this project's tuners with PEFT)
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
-    weights = load_peft_weights(os.fspath(path), device=str(next(built.model.parameters()).device))
+    weights = load_peft_weights(path, device=str(next(built.model.parameters()).device))
     result = set_peft_model_state_dict(built.model, weights)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
         raise ValueError(f"{path}: weights do not fit method {built.spec.name!r}: unexpected keys {unexpected[:5]}")
     return built
+
+
+def trainer_callback(built: BuiltMethod):
+    """A ``transformers.TrainerCallback`` that makes trainer checkpoints of ``prefix`` runs resumable, or None for
+    every other method (PEFT's own checkpoints already resume).
+
+    It writes the trainable prompt-encoder state as ``model.safetensors`` into each ``checkpoint-N`` folder. On
+    ``train(resume_from_checkpoint=...)`` Trainer loads a checkpoint's ``model.safetensors`` with
+    ``load_state_dict(..., strict=False)`` before it would try PEFT's ``load_adapter`` (which cannot load a
+    prompt-learning adapter as trainable). Trainer then logs the base-model keys as missing: they are the frozen
+    weights already in place."""
+    if built.spec.name != "prefix":
+        return None
+    from transformers import TrainerCallback
+
+    class PrefixCheckpointCallback(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                if os.path.isdir(ckpt):
+                    save_trainable_state(built, ckpt, TRAINER_STATE_FILE)
+            return control
+
+    return PrefixCheckpointCallback()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -932,10 +1031,15 @@ __all__ = [
     "build",
     "check_target_modules",
     "get_spec",
+    "gradient_checkpointing_on",
     "linear_module_names",
     "list_methods",
     "load",
     "load_weights",
+    "PREFIX_STATE_FILE",
+    "TRAINER_STATE_FILE",
+    "save_trainable_state",
+    "trainer_callback",
     "read_record",
     "resolve_options",
     "save",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -28,7 +28,6 @@ class RoutingContext:
     rows_profile: Optional[torch.Tensor] = None
     token_mask: Optional[torch.Tensor] = None
     profile_proj: Optional[nn.ModuleDict] = None  # the tuner's per-adapter projections (not owned here)
-    notes: dict = field(default_factory=dict)
 
 
 class CuMALayer(BaseTunerLayer):

@@ -98,12 +98,6 @@ class CuMAModel(BaseTuner):
         # (cuma_router.<adapter>.layers.0.weight), so strip it right after any cuma_ container wherever it is
         return re.sub(rf"(\.{cls.prefix}[A-Za-z_]+)\.{re.escape(adapter_name)}(?=\.|$)", r"\1", key)
 
-    def _prepare_adapter_config(self, peft_config: CuMAConfig, model_config: dict) -> CuMAConfig:
-        return peft_config
-
-    def _check_new_adapter_config(self, config: CuMAConfig) -> None:
-        super()._check_new_adapter_config(config)
-
     def _router_group(self, config: CuMAConfig, key: str) -> Optional[tuple[str, str]]:
         parent, _, leaf = key.rpartition(".")
         if config.share_router_qkv and leaf in _QKV:

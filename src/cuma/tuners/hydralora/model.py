@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
@@ -62,6 +64,15 @@ class HydraLoRAModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Checkpoint key of a model key: drop the adapter name right after the ``hydralora_*`` attribute, also when
+        it is not the second-to-last part (the router is a nested module: ``hydralora_router.<name>.layers.0.weight``),
+        so that an adapter saved under one name loads under another."""
+        pattern = rf"(\.{re.escape(cls.prefix)}[^.]*)\.{re.escape(adapter_name)}(?=\.|$)"
+        new_key, hits = re.subn(pattern, r"\1", key, count=1)
+        return new_key if hits else super()._remove_adapter_name_from_key(key, adapter_name)
 
     def _check_merge_allowed(self):
         raise ValueError(

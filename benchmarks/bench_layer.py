@@ -1,0 +1,207 @@
+"""Forward+backward of ONE adapted Linear (frozen base Linear included): CuMA vs PEFT LoRA, fp32 on CPU.
+
+    python benchmarks/bench_layer.py [--quick] [--json PATH] [--dims 576 4096] [--build direct|peft]
+
+Setup (the same for every variant): a bias-free ``nn.Linear(d, d)`` with frozen weight, input x of B x T tokens
+(default 4 x 512 = 2048 tokens) that requires grad (as the input of an adapted projection inside a network does),
+upstream gradient dL/dy fixed in advance. One timed call = forward + backward (grads of x and of every trainable
+parameter); CuMA runs in training mode, so its router also records the Switch balance term, which is backpropagated
+with the output (as in a real step).
+
+Variants
+  lora        peft.tuners.lora.layer.Linear, r=8, alpha=16
+  cuma        cuma.tuners.cuma.layer.Linear, N=8, k=2, r=8, alpha=16, profile_dim=384, router hidden 256
+  cuma-proto  the same CuMA layer and parameters, run through a benchmark-local forward with two suggested
+              changes (scaling folded into the gates; ``addmm`` onto the base output), see benchmarks/_proto.py
+  cuma-fused  cuma-proto plus the router's first Linear and the experts' A run as one GEMM (_proto.py)
+              (the prototypes are checked to give the layer's outputs and gradients; omit them with --no-proto)
+
+``--build direct`` (default) instantiates the layer classes directly and sets the routing context's
+``rows_profile`` by hand, so neither variant pays PEFT's model-level forward hooks; ``--build peft`` wraps the Linear
+as ``q_proj`` of a tiny module and goes through ``peft.get_peft_model`` and ``PeftModel.forward`` (adds the same small
+per-call hook overhead to both).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch
+from torch import nn
+
+from _proto import PROTOS, check_same
+from _common import (
+    base_parser,
+    environment,
+    paired_ratio,
+    print_table,
+    setup_torch,
+    summarize,
+    time_interleaved,
+    verdict,
+    write_json,
+)
+
+import cuma  # noqa: E402  (registers the tuner with PEFT)
+from cuma.tuners.cuma.layer import Linear as CuMALinear  # noqa: E402
+from cuma.tuners.cuma.layer import RoutingContext  # noqa: E402
+
+TARGET_RATIO_4096 = 1.3
+PROFILE_DIM = 384
+
+
+def cuma_config() -> "cuma.CuMAConfig":
+    return cuma.CuMAConfig(
+        target_modules=["q_proj"], r=8, lora_alpha=16, num_experts=8, top_k=2, profile_dim=PROFILE_DIM, router_hidden=256
+    )
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(target_modules=["q_proj"], r=8, lora_alpha=16, lora_dropout=0.0)
+
+
+class _Holder(nn.Module):
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        self.q_proj = lin
+
+    def forward(self, x):
+        return self.q_proj(x)
+
+
+def _frozen_linear(d: int, seed: int) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(d, d, bias=False)
+    lin.requires_grad_(False)
+    return lin
+
+
+def build(d: int, tokens: tuple[int, int], mode: str, seed: int, with_proto: bool):
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    B, T = tokens
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(B, T, d, generator=gen).requires_grad_(True)
+    grad_y = torch.randn(B, T, d, generator=gen)
+    profile = torch.randn(B, PROFILE_DIM, generator=gen)
+
+    variants: dict[str, tuple[nn.Module, callable, bool]] = {}  # name -> (module, forward, routed)
+    if mode == "direct":
+        lora = LoraLinear(_frozen_linear(d, seed), "default", lora_config(), r=8, lora_alpha=16).train()
+        ctx = RoutingContext()
+        ctx.rows_profile = profile
+        cuma_layer = CuMALinear(_frozen_linear(d, seed), "default", cuma_config(), ctx).train()
+        variants["lora"] = (lora, lambda: lora(x), False)
+        variants["cuma"] = (cuma_layer, lambda: cuma_layer(x), True)
+    else:
+        from peft import get_peft_model
+
+        lora_model = get_peft_model(_Holder(_frozen_linear(d, seed)), lora_config()).train()
+        cuma_model = get_peft_model(_Holder(_frozen_linear(d, seed)), cuma_config()).train()
+        cuma_layer = cuma_model.base_model.model.q_proj
+        variants["lora"] = (lora_model, lambda: lora_model(x), False)
+        variants["cuma"] = (cuma_model, lambda: cuma_model(x, profile_embeds=profile), True)
+        with torch.no_grad():
+            cuma_model(x[:, :1], profile_embeds=profile)  # sets rows_profile for proto_forward (same rows, kept)
+    if with_proto:
+        for pname, fn in PROTOS.items():
+            check_same(cuma_layer, x[:, : min(T, 64)], fn)
+            variants[pname] = (cuma_layer, (lambda fn=fn: fn(cuma_layer, x)), True)
+
+    cuma_layer._balance_terms.clear()
+
+    def make_step(module: nn.Module, fwd, routed: bool):
+        params = [p for p in module.parameters() if p.requires_grad]
+        balance = cuma_layer._balance_terms if routed else None
+
+        def step():
+            x.grad = None
+            for p in params:
+                p.grad = None
+            y = fwd()
+            outs, grads = [y], [grad_y]
+            if balance:
+                outs.append(torch.stack(balance).sum())
+                grads.append(torch.ones(()))
+                balance.clear()
+            torch.autograd.backward(outs, grads)
+
+        return step
+
+    steps = {name: make_step(*v) for name, v in variants.items()}
+    n_params = {name: sum(p.numel() for p in v[0].parameters() if p.requires_grad) for name, v in variants.items()}
+    return steps, n_params
+
+
+def main() -> None:
+    p = base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--dims", type=int, nargs="+", default=[576, 4096])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--build", choices=["direct", "peft"], default="direct")
+    p.add_argument("--no-proto", action="store_true", help="skip the cuma-proto and cuma-fused variants")
+    args = p.parse_args()
+    threads = setup_torch(args.threads, args.seed)
+    env = environment(threads)
+    tokens = (args.batch, args.seq)
+    print(f"bench_layer: fwd+bwd of one adapted {args.build}-built Linear, fp32, {threads} threads, "
+          f"tokens {tokens[0]}x{tokens[1]}={tokens[0] * tokens[1]}, torch {torch.__version__}")
+
+    rows, results = [], []
+    for d in args.dims:
+        big = d >= 2048
+        if args.quick:
+            reps, warmup, budget = (3, 1, 10.0) if big else (10, 2, 4.0)
+        else:
+            reps, warmup, budget = (11, 2, 100.0) if big else (40, 3, 30.0)
+        reps = args.reps or reps
+        warmup = args.warmup if args.warmup is not None else warmup
+        steps, n_params = build(d, tokens, args.build, args.seed, not args.no_proto)
+        times = time_interleaved(steps, reps=reps, warmup=warmup, budget_s=budget)
+        entry = {"d": d, "tokens": list(tokens), "reps": len(times["lora"]), "variants": {}, "ratios": {}}
+        for name, t in times.items():
+            s = summarize(t)
+            entry["variants"][name] = {**s, "trainable_params": n_params[name], "times_ms": [1e3 * v for v in t]}
+            row = {"d": d, "variant": name, "params": n_params[name], **s}
+            if name != "lora":
+                r = paired_ratio(t, times["lora"])
+                entry["ratios"][f"{name}/lora"] = r
+                row["ratio"] = r["median_paired_ratio"]
+            rows.append(row)
+        for pname in PROTOS:
+            if pname in times:
+                entry["ratios"][f"{pname}/cuma"] = paired_ratio(times[pname], times["cuma"])
+        results.append(entry)
+
+    print()
+    print_table(
+        rows,
+        [("d", "d", "d"), ("variant", "variant", ""), ("params", "trainable", ",d"), ("median_ms", "median ms", ".1f"),
+         ("q1_ms", "q1 ms", ".1f"), ("q3_ms", "q3 ms", ".1f"), ("n", "n", "d"), ("ratio", "x LoRA (paired)", ".3f")],
+    )
+    print()
+    summary = {}
+    for e in results:
+        r = e["ratios"]["cuma/lora"]
+        line = (f"d={e['d']}: CuMA/LoRA = {r['median_paired_ratio']:.3f} (median of paired ratios), "
+                f"{r['ratio_of_medians']:.3f} (ratio of medians)")
+        if e["d"] == 4096:
+            v = verdict(r["median_paired_ratio"], TARGET_RATIO_4096)
+            line += f"  target <= {TARGET_RATIO_4096}: {v}"
+            summary["target_cuma_over_lora_at_4096"] = {"target": TARGET_RATIO_4096, "value": r["median_paired_ratio"], "verdict": v}
+        print(line)
+        for pname in PROTOS:
+            if f"{pname}/cuma" in e["ratios"]:
+                rp = e["ratios"][f"{pname}/cuma"]
+                print(f"        {pname}/cuma = {rp['median_paired_ratio']:.3f} (paired), "
+                      f"{rp['ratio_of_medians']:.3f} (medians)")
+    write_json(args.json, {"benchmark": "bench_layer", "env": env, "config": vars(args), "results": results, "summary": summary})
+
+
+if __name__ == "__main__":
+    main()

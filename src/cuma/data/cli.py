@@ -1,0 +1,173 @@
+"""``cuma data``: prepare data sets.
+
+    cuma data wvb   --wvb DIR --out DIR --train-pairs N --test-pairs M [--valid-pairs K] --seed S
+                    [--holdout-countries A,B | --holdout-fraction F] [--encoder NAME_OR_PATH | --no-embeddings]
+                    [--question-ids Q1,Q2,...] [--overwrite]
+    cuma data synth --out DIR --participants 5000 --questions 40 --modes 4 --seed 0 [--countries 10] [--overwrite]
+                    [--prepare DIR --train-pairs N --test-pairs M ...]   (also write a prepared-data directory)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+__all__ = ["add_arguments", "run"]
+
+
+def _pairs(value: str):
+    from .splits import parse_pair_count
+
+    try:
+        return parse_pair_count(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _fraction(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value!r}") from None
+    if not 0.0 < f < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value!r}")
+    return f
+
+
+def _nonneg_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
+    return n
+
+
+def _csv(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}")
+    return items
+
+
+def _add_prepare_options(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--train-pairs", type=_pairs, required=required, default=None if required else 20000,
+                   help="(participant, question) pairs sampled from the train split ('all' for every pair)")
+    p.add_argument("--test-pairs", type=_pairs, required=required, default=None if required else 5000,
+                   help="pairs sampled from the test split ('all' for every pair)")
+    p.add_argument("--valid-pairs", type=_pairs, default=0, help="pairs sampled from the valid split (default 0)")
+    hold = p.add_mutually_exclusive_group()
+    hold.add_argument("--holdout-countries", type=_csv, default=None, metavar="A,B",
+                      help="hold these countries' profiles out of train/valid; test only on them (zero-shot)")
+    hold.add_argument("--holdout-fraction", type=_fraction, default=None, metavar="F",
+                      help="hold out a seeded fraction of the distinct profiles (zero-shot)")
+    enc = p.add_mutually_exclusive_group()
+    enc.add_argument("--encoder", default="default", metavar="NAME_OR_PATH",
+                     help="profile encoder for profile_embeds.safetensors (default: the embedded all-MiniLM-L6-v2)")
+    enc.add_argument("--no-embeddings", action="store_true", help="do not write profile_embeds.safetensors")
+    p.add_argument("--encoder-device", default="auto", metavar="DEVICE",
+                   help="device for the profile encoder (default auto: cuda when available, else cpu)")
+    p.add_argument("--question-ids", dest="question_ids", type=_csv, default=None, metavar="Q1,Q2",
+                   help="keep only these value questions")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="DATASET")
+    sub.required = True
+
+    w = sub.add_parser("wvb", help="prepare WorldValuesBench-format files (real or synthetic) for training/eval",
+                       description="Sample (participant, question) pairs within WVB's participant splits and write "
+                       "train/valid/test JSONL records, profiles.jsonl, profile_embeds.safetensors and manifest.json.")
+    w.add_argument("--wvb", required=True, metavar="DIR",
+                   help="WorldValuesBench checkout (with WorldValuesBench/ and dataset_construction/)")
+    w.add_argument("--out", required=True, metavar="DIR", help="prepared-data directory to write")
+    w.add_argument("--seed", type=_nonneg_int, default=0)
+    _add_prepare_options(w, required=True)
+
+    s = sub.add_parser("synth", help="generate a synthetic population in the WVB layout (with truth.json)",
+                       description="Write WVB-layout TSVs and metadata from a latent mixture of cultural modes, plus "
+                       "truth.json (true answer distributions and oracle figures).")
+    s.add_argument("--out", required=True, metavar="DIR", help="folder for the WVB-layout files")
+    s.add_argument("--participants", type=int, default=5000)
+    s.add_argument("--questions", type=int, default=40)
+    s.add_argument("--modes", type=int, default=4)
+    s.add_argument("--countries", type=int, default=10)
+    s.add_argument("--seed", type=_nonneg_int, default=0)
+    s.add_argument("--prepare", metavar="DIR", default=None,
+                   help="also write a prepared-data directory from the generated files (as `cuma data wvb` would)")
+    _add_prepare_options(s, required=False)
+
+
+def _summary(manifest: dict) -> str:
+    return json.dumps(manifest, indent=2, ensure_ascii=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .splits import prepare_wvb
+    from .synthetic import SynthConfig, write_synthetic
+
+    command = ["cuma", "data"] + (sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "data" else [])
+    encoder: Optional[str] = None if args.no_embeddings else args.encoder
+    if args.data_command == "wvb":
+        manifest = prepare_wvb(
+            args.wvb,
+            args.out,
+            train_pairs=args.train_pairs,
+            test_pairs=args.test_pairs,
+            valid_pairs=args.valid_pairs,
+            seed=args.seed,
+            holdout_countries=args.holdout_countries,
+            holdout_fraction=args.holdout_fraction,
+            encoder=encoder,
+            encoder_device=args.encoder_device,
+            question_ids=args.question_ids,
+            overwrite=args.overwrite,
+            command=command,
+        )
+        c = manifest["counts"]
+        print(
+            f"wrote {args.out}: records {c['records']}, {c['profiles']} profiles, "
+            f"{c['held_out_profiles']} held-out profiles; dropped answers {manifest['dropped']['answers']}"
+        )
+        if manifest.get("oracle_test"):
+            print(f"oracle on the written test records: {json.dumps(manifest['oracle_test'])}")
+        return 0
+    if args.data_command == "synth":
+        config = SynthConfig(
+            participants=args.participants,
+            questions=args.questions,
+            modes=args.modes,
+            seed=args.seed,
+            countries=args.countries,
+        )
+        manifest = write_synthetic(args.out, config, overwrite=args.overwrite)
+        c = manifest["counts"]
+        print(
+            f"wrote {args.out}: {c['participants']['full']} participants ({c['participants']['train']}/"
+            f"{c['participants']['valid']}/{c['participants']['test']}), {c['questions']} questions, "
+            f"{c['distinct_profiles']} distinct profiles"
+        )
+        print(f"oracle (test split): {json.dumps(manifest['oracle']['test'])}")
+        if args.prepare:
+            prep = prepare_wvb(
+                args.out,
+                args.prepare,
+                train_pairs=args.train_pairs,
+                test_pairs=args.test_pairs,
+                valid_pairs=args.valid_pairs,
+                seed=args.seed,
+                holdout_countries=args.holdout_countries,
+                holdout_fraction=args.holdout_fraction,
+                encoder=encoder,
+                encoder_device=args.encoder_device,
+                question_ids=args.question_ids,
+                overwrite=args.overwrite,
+                command=command,
+            )
+            print(f"wrote {args.prepare}: records {prep['counts']['records']}, {prep['counts']['profiles']} profiles")
+        return 0
+    raise ValueError(f"unknown data command {args.data_command!r}; expected 'wvb' or 'synth'")

@@ -1,0 +1,444 @@
+"""WVB-format records and the prepared-data directory: building, validating, reading and writing them atomically.
+
+One *record* is one (participant, question) pair, a plain dict with the keys of :data:`RECORD_FIELDS` (the shared
+schema in ``docs/data-schema.md``). A *prepared-data directory* holds ``train.jsonl``, ``valid.jsonl``,
+``test.jsonl``, ``profiles.jsonl``, optionally ``profile_embeds.safetensors`` and ``truth.json``, and
+``manifest.json``; :func:`load_prepared` reads it back.
+
+Every writer here is atomic: a file is written to a temporary sibling and moved into place with ``os.replace``; a
+directory is built in a temporary sibling (:func:`atomic_directory`) and renamed into place only when complete, so a
+crash never leaves a half-written output that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+__all__ = [
+    "LETTERS",
+    "RECORD_FIELDS",
+    "SPLITS",
+    "PreparedData",
+    "atomic_directory",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "letters_for",
+    "load_prepared",
+    "make_record",
+    "read_jsonl",
+    "sha256_file",
+    "validate_record",
+    "write_jsonl",
+]
+
+PathLike = Union[str, os.PathLike]
+
+LETTERS: tuple[str, ...] = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+
+# Keys of one record, in the order they are written (docs/data-schema.md).
+RECORD_FIELDS: tuple[str, ...] = (
+    "id",
+    "participant_id",
+    "question_id",
+    "split",
+    "profile",
+    "profile_text",
+    "profile_index",
+    "question",
+    "category",
+    "letters",
+    "options",
+    "option_values",
+    "gold_letter",
+    "gold_value",
+    "scale_min",
+    "scale_max",
+    "ordinal",
+    "held_out",
+)
+
+PREPARED_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl", "profiles.jsonl", "manifest.json")
+EMBEDS_FILE = "profile_embeds.safetensors"
+EMBEDS_KEY = "profile_embeds"
+
+
+def letters_for(n: int) -> list[str]:
+    """The first ``n`` option letters (``A``, ``B``, ...). At most 26 options."""
+    if not isinstance(n, int) or n < 1 or n > len(LETTERS):
+        raise ValueError(f"a question needs 1 to {len(LETTERS)} options to get letters, got {n!r}")
+    return list(LETTERS[:n])
+
+
+# ---------------------------------------------------------------------------------------------------------- records
+
+
+def make_record(
+    *,
+    participant_id: str,
+    question_id: str,
+    split: str,
+    profile: Mapping[str, Any],
+    profile_text: str,
+    profile_index: int,
+    question: str,
+    category: str,
+    options: Sequence[str],
+    option_values: Sequence[int],
+    gold_value: int,
+    scale_min: int,
+    scale_max: int,
+    ordinal: bool,
+    held_out: bool = False,
+) -> dict[str, Any]:
+    """One record in schema order. ``gold_value`` must be one of ``option_values``; the letters follow from them."""
+    options = [str(o) for o in options]
+    option_values = [int(v) for v in option_values]
+    if len(options) != len(option_values):
+        raise ValueError(
+            f"question {question_id}: {len(options)} option labels but {len(option_values)} option values"
+        )
+    letters = letters_for(len(options))
+    gold_value = int(gold_value)
+    try:
+        gold_letter = letters[option_values.index(gold_value)]
+    except ValueError:
+        raise ValueError(
+            f"question {question_id}, participant {participant_id}: answer {gold_value} is not one of the option "
+            f"values {option_values}"
+        ) from None
+    record = {
+        "id": f"{participant_id}:{question_id}",
+        "participant_id": str(participant_id),
+        "question_id": str(question_id),
+        "split": split,
+        "profile": dict(profile),
+        "profile_text": profile_text,
+        "profile_index": int(profile_index),
+        "question": question,
+        "category": category,
+        "letters": letters,
+        "options": options,
+        "option_values": option_values,
+        "gold_letter": gold_letter,
+        "gold_value": gold_value,
+        "scale_min": int(scale_min),
+        "scale_max": int(scale_max),
+        "ordinal": bool(ordinal),
+        "held_out": bool(held_out),
+    }
+    validate_record(record)
+    return record
+
+
+def _where(where: Optional[str]) -> str:
+    return f"{where}: " if where else ""
+
+
+def validate_record(record: Any, where: Optional[str] = None) -> None:
+    """Raise ``ValueError`` naming the field when ``record`` does not follow the schema (``where``: e.g. file:line)."""
+    at = _where(where)
+    if not isinstance(record, Mapping):
+        raise ValueError(f"{at}a record must be a JSON object, got {type(record).__name__}")
+    missing = [k for k in RECORD_FIELDS if k not in record]
+    if missing:
+        raise ValueError(f"{at}record {record.get('id', '?')!r} lacks the fields {missing}")
+    rid = record["id"]
+
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"{at}record {rid!r}: field {name!r} must be {expected}, got {record[name]!r}")
+
+    for name in ("id", "participant_id", "question_id", "profile_text", "question", "category", "gold_letter"):
+        if not isinstance(record[name], str):
+            raise bad(name, "a string")
+    if record["split"] not in SPLITS:
+        raise bad("split", f"one of {list(SPLITS)}")
+    if not isinstance(record["profile"], Mapping):
+        raise bad("profile", "an object of profile fields")
+    for name in ("profile_index", "gold_value", "scale_min", "scale_max"):
+        if not isinstance(record[name], int) or isinstance(record[name], bool):
+            raise bad(name, "an integer")
+    if record["profile_index"] < 0:
+        raise bad("profile_index", "a non-negative integer")
+    for name in ("ordinal", "held_out"):
+        if not isinstance(record[name], bool):
+            raise bad(name, "true or false")
+    letters, options, values = record["letters"], record["options"], record["option_values"]
+    if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
+        raise bad("options", "a non-empty list of strings")
+    if not isinstance(letters, list) or letters != letters_for(len(options)):
+        raise bad("letters", f"{letters_for(len(options))} (one letter per option, in order)")
+    if (
+        not isinstance(values, list)
+        or len(values) != len(options)
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+        or len(set(values)) != len(values)
+    ):
+        raise bad("option_values", f"{len(options)} distinct integers (one per option)")
+    if record["gold_value"] not in values:
+        raise bad("gold_value", f"one of the option values {values}")
+    if record["gold_letter"] != letters[values.index(record["gold_value"])]:
+        raise bad("gold_letter", f"{letters[values.index(record['gold_value'])]!r} (the letter of gold_value)")
+    if record["scale_min"] > record["scale_max"]:
+        raise bad("scale_min", f"<= scale_max ({record['scale_max']})")
+    if not all(record["scale_min"] <= v <= record["scale_max"] for v in values):
+        raise bad("option_values", f"values within [scale_min, scale_max] = [{record['scale_min']}, {record['scale_max']}]")
+    if record["id"] != f"{record['participant_id']}:{record['question_id']}":
+        raise bad("id", f"'{record['participant_id']}:{record['question_id']}' (participant_id:question_id)")
+
+
+# ---------------------------------------------------------------------------------------------------------- files
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _public_mode(path: PathLike, is_dir: bool = False) -> None:
+    """Give a file made by ``mkstemp`` / ``mkdtemp`` (0600 / 0700) the permissions a plain ``open`` would."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, fsync it, then ``os.replace`` it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _public_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars and arrays, without importing numpy here
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON: {value!r}")
+
+
+def dumps(value: Any, indent: Optional[int] = None) -> str:
+    """JSON text as written everywhere here: UTF-8 kept, NaN refused, numpy values converted."""
+    return json.dumps(value, ensure_ascii=False, indent=indent, default=_json_default, allow_nan=False)
+
+
+def atomic_write_json(path: PathLike, value: Any, indent: int = 2) -> None:
+    atomic_write_text(path, dumps(value, indent=indent) + "\n")
+
+
+def write_jsonl(path: PathLike, records: Iterable[Mapping[str, Any]]) -> int:
+    """Write one JSON object per line, atomically. Returns the number of lines."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(dumps(record))
+                f.write("\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        _public_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return n
+
+
+def read_jsonl(path: PathLike, validate: bool = False) -> list[dict[str, Any]]:
+    """Read a JSONL file; a bad line raises ``ValueError`` naming ``file:line``. Blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"JSONL file {str(path)!r} does not exist")
+    out: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(value).__name__}")
+            if validate:
+                validate_record(value, where=f"{path}:{lineno}")
+            out.append(value)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_directory(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory in a temporary sibling and rename it to ``target`` when the block succeeds.
+
+    An existing non-empty ``target`` is an error unless ``overwrite``; then it is moved aside, the new directory is
+    renamed into place, and the old one is deleted. On failure the temporary directory is removed and ``target`` is
+    left untouched.
+    """
+    target = Path(target).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"output path {str(target)!r} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ValueError(f"output directory {str(target)!r} exists and is not empty; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _public_mode(tmp, is_dir=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old: Optional[Path] = None
+    if target.exists():
+        if any(target.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.rmdir(old)
+            os.replace(target, old)
+        else:
+            os.rmdir(target)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class PreparedData:
+    """A prepared-data directory read back: records per split, profiles, embeddings (or ``None``), manifest."""
+
+    path: Path
+    train: list[dict[str, Any]]
+    valid: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    profiles: list[dict[str, Any]]
+    manifest: dict[str, Any]
+    profile_embeds: Any = None  # torch.Tensor (num_profiles, dim) float32, or None when written with --no-embeddings
+    truth: Optional[dict[str, Any]] = field(default=None, repr=False)
+
+    def split(self, name: str) -> list[dict[str, Any]]:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {list(SPLITS)}")
+        return getattr(self, name)
+
+
+def load_prepared(path: PathLike, validate: bool = True, embeddings: bool = True, truth: bool = True) -> PreparedData:
+    """Read a directory written by ``cuma data wvb`` (or ``cuma data synth --prepare``).
+
+    Checks that every file of the layout exists, that records follow the schema (``validate``), and that each
+    record's ``profile_index`` points at a profile with the same text and, when present, an embedding row.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"prepared-data directory {str(root)!r} does not exist")
+    absent = [name for name in PREPARED_FILES if not (root / name).is_file()]
+    if absent:
+        raise FileNotFoundError(
+            f"{root} is not a prepared-data directory: missing {absent} (write one with `cuma data wvb`)"
+        )
+    manifest_path = root / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{manifest_path}: not valid JSON ({err.msg})") from None
+    splits = {name: read_jsonl(root / f"{name}.jsonl", validate=validate) for name in SPLITS}
+    profiles = read_jsonl(root / "profiles.jsonl")
+    for i, row in enumerate(profiles):
+        if row.get("profile_index") != i or not isinstance(row.get("profile_text"), str):
+            raise ValueError(
+                f"{root / 'profiles.jsonl'}:{i + 1}: expected profile_index {i} and a profile_text string, got "
+                f"{row.get('profile_index')!r}, {row.get('profile_text')!r}"
+            )
+    embeds = None
+    embeds_path = root / EMBEDS_FILE
+    if embeddings and embeds_path.is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(embeds_path))
+        if EMBEDS_KEY not in tensors:
+            raise ValueError(f"{embeds_path}: expected a tensor named {EMBEDS_KEY!r}, found {sorted(tensors)}")
+        embeds = tensors[EMBEDS_KEY]
+        if embeds.ndim != 2 or embeds.shape[0] != len(profiles):
+            raise ValueError(
+                f"{embeds_path}: tensor {EMBEDS_KEY!r} must be ({len(profiles)}, dim) to match profiles.jsonl, "
+                f"got {tuple(embeds.shape)}"
+            )
+    for name, records in splits.items():
+        for record in records:
+            idx = record["profile_index"]
+            if idx >= len(profiles) or profiles[idx]["profile_text"] != record["profile_text"]:
+                raise ValueError(
+                    f"{root / (name + '.jsonl')}: record {record['id']!r} has profile_index {idx}, which does not "
+                    f"point at its profile text in profiles.jsonl ({len(profiles)} profiles)"
+                )
+    truth_value = None
+    if truth and (root / "truth.json").is_file():
+        truth_value = json.loads((root / "truth.json").read_text(encoding="utf-8"))
+    return PreparedData(
+        path=root,
+        train=splits["train"],
+        valid=splits["valid"],
+        test=splits["test"],
+        profiles=profiles,
+        manifest=manifest,
+        profile_embeds=embeds,
+        truth=truth_value,
+    )
+
+
+def finite(value: float) -> Optional[float]:
+    """``value`` as float, or ``None`` for NaN/inf (JSON has no NaN)."""
+    value = float(value)
+    return value if math.isfinite(value) else None

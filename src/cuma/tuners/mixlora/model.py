@@ -1,0 +1,147 @@
+"""MixLoRA tuner: turns the FFN blocks into mixtures of LoRA experts and puts a plain LoRA on attention."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from torch import nn
+
+from .config import MixLoRAConfig
+from .layer import Linear, MixLoRABalance, MixLoRAContext, MixLoRAFFN, MixLoRALayer
+
+
+class _CaptureCall:
+    """Forward pre-hook on the base model: keeps the 2-D attention mask of the call (padding is left out of the
+    balance term) and starts a new call in the balance accumulator. A callable object (not a closure) so that
+    ``copy.deepcopy`` of the model gives the copy its own context."""
+
+    def __init__(self, ctx: MixLoRAContext) -> None:
+        self.ctx = ctx
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self.ctx.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.ctx.balance.start_call()
+        return None
+
+
+class MixLoRAModel(BaseTuner):
+    """Creates a MixLoRA model from a pretrained transformers model (see :class:`MixLoRAConfig`).
+
+    ``cuma.pop_balance_loss(model)`` returns ``router_aux_loss_coef`` times the Mixtral load-balancing term over the
+    router logits of all layers of the training forward(s) since the last call.
+    """
+
+    prefix: str = "mixlora_"
+    tuner_layer_cls = MixLoRALayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------------------------------------ injection
+    def _pre_injection_hook(self, model: nn.Module, config: MixLoRAConfig, adapter_name: str) -> None:
+        if not hasattr(self, "mixlora_ctx"):
+            self.mixlora_balance = MixLoRABalance()
+            self.mixlora_ctx = MixLoRAContext(balance=self.mixlora_balance)
+            self._capture_handle = model.register_forward_pre_hook(_CaptureCall(self.mixlora_ctx), with_kwargs=True)
+
+    def _prepare_adapter_config(self, peft_config: MixLoRAConfig, model_config: dict) -> MixLoRAConfig:
+        if peft_config.target_modules == "all-linear":
+            raise ValueError(
+                "MixLoRA: target_modules='all-linear' is not supported; name the attention projections (the FFN "
+                "projections are adapted by the experts of ffn_modules)"
+            )
+        return peft_config
+
+    def _prepare_model(self, peft_config: MixLoRAConfig, model: nn.Module) -> None:
+        ffn = set(peft_config.ffn_modules)
+        if not any(name.rsplit(".", 1)[-1] in ffn for name, _ in model.named_modules()):
+            raise ValueError(
+                f"MixLoRA: ffn_modules={peft_config.ffn_modules} name no module of this model; without FFN blocks "
+                "MixLoRA would reduce to plain LoRA. Name the decoder layers' FFN modules (Llama/Qwen/Mistral: 'mlp')."
+            )
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: MixLoRAConfig, key: str):
+        ffn = set(peft_config.ffn_modules)
+        parts = key.split(".")
+        if any(p in ffn for p in parts[:-1]):
+            return False  # inside an FFN block: its projections belong to the experts
+        if parts[-1] in ffn:
+            ffn_config = copy.copy(peft_config)
+            ffn_config.target_modules = ffn
+            return check_target_module_exists(ffn_config, key)
+        return check_target_module_exists(peft_config, key)
+
+    def _create_and_replace(
+        self,
+        config: MixLoRAConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("current_key must not be None")
+        is_ffn = current_key.rsplit(".", 1)[-1] in config.ffn_modules
+        if is_ffn:
+            if isinstance(target, MixLoRAFFN):
+                target.update_layer(adapter_name, config)
+                return
+            if isinstance(target, BaseTunerLayer):
+                raise ValueError(f"MixLoRA: '{current_key}' is already wrapped by another adapter type")
+            try:
+                new_module = MixLoRAFFN(target, adapter_name, config, self.mixlora_ctx)
+            except TypeError as err:
+                raise ValueError(f"MixLoRA cannot turn '{current_key}' into a mixture of experts: {err}") from err
+        else:
+            if isinstance(target, Linear):
+                target.update_layer(adapter_name, config)
+                return
+            base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+            if not isinstance(base, nn.Linear):
+                raise ValueError(
+                    f"MixLoRA's attention LoRA adapts torch.nn.Linear modules only; '{current_key}' is "
+                    f"{type(base).__name__}"
+                )
+            new_module = Linear(target, adapter_name, config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if isinstance(child, MixLoRAFFN) and new_module is child.get_base_layer():
+            # unloading: put the original FFN block back as it was (it has no weight of its own to re-link)
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
+    # -------------------------------------------------------------------------------------------- adapters
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.mixlora_balance.reset(adapter_name)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Checkpoint key of a model key: drop the adapter name right after the ``mixlora_*`` attribute wherever it
+        sits, so that an adapter saved under one name loads under another."""
+        pattern = rf"(\.{re.escape(cls.prefix)}[^.]*)\.{re.escape(adapter_name)}(?=\.|$)"
+        new_key, hits = re.subn(pattern, r"\1", key, count=1)
+        return new_key if hits else super()._remove_adapter_name_from_key(key, adapter_name)
+
+    def _check_merge_allowed(self):
+        raise ValueError(
+            "MixLoRA adapters cannot be merged: the FFN experts are chosen per token by a router that depends on the "
+            "input, so there is no single weight update to fold into the base model. Keep the adapter unmerged."
+        )
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs):
+        out = super()._unload_and_optionally_merge(merge, *args, **kwargs)
+        handle = getattr(self, "_capture_handle", None)
+        if handle is not None:
+            handle.remove()
+            self._capture_handle = None
+        return out
