@@ -16,6 +16,15 @@ Q_OUT, KV_OUT = HEADS * HEAD_DIM, KV * HEAD_DIM  # 4096, 1024
 QWEN3_8B_PARAMS = 8_190_735_360
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest, and keeps the tests quick on a busy shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def qwen3_8b_config():
     from transformers import Qwen3Config
 
@@ -161,3 +170,15 @@ def test_registered_as_cuma_params():
         pytest.skip(f"cuma CLI parser cannot be built yet: {err}")
     args = parser.parse_args(["params", "--model", "x", "--method", "lora", "--r", "8"])
     assert args.opt_r == 8
+
+
+def test_embedded_default_model_by_name():
+    from cuma import models
+
+    info = models.describe(models.DEFAULT_BASE)
+    if not info.get("cached"):
+        pytest.skip("the embedded SmolLM2 cache is not built here (first use converts the GGUF, ~30 s)")
+    row = accounting.count_parameters(models.DEFAULT_BASE, "lora", r=8)
+    # SmolLM2-135M: 30 layers, hidden 576, 9 heads of 64, 3 kv heads (kv width 192); embeddings tied
+    assert row["base"] == 134_515_008
+    assert row["trainable"] == 30 * ((576 * 8 + 8 * 576) + (576 * 8 + 8 * 192))

@@ -27,6 +27,15 @@ ALL_METHODS = {
     "fewshot",
 }
 PROMPTING = ("vanilla", "persona", "fewshot")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest, and keeps the tests quick on a busy shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 PDIM = 16
 
 # small options so a tiny model trains visibly in a few steps
@@ -230,12 +239,15 @@ def test_trainable_reload_of_an_adapter(tmp_path):
 # ----------------------------------------------------------------------------------------------------- prefix
 def test_prefix_forces_gradient_checkpointing_off():
     base = tiny_llama()
-    base.gradient_checkpointing_enable()
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    enable()
     assert methods.gradient_checkpointing_on(base)
     built = methods.build("prefix", base, num_virtual_tokens=4)  # PEFT itself refuses a checkpointed model
     assert not methods.gradient_checkpointing_on(built.model)
     assert built.gradient_checkpointing_allowed is False
-    assert built.training_overrides() == {"gradient_checkpointing": False}
+    overrides = built.training_overrides()
+    assert overrides and set(overrides.values()) == {False}
+    assert set(overrides) <= {"activation_checkpointing", "gradient_checkpointing"}
     assert built.record()["gradient_checkpointing_allowed"] is False
     assert methods.build("lora", tiny_llama(), r=4).training_overrides() == {}
 
@@ -273,7 +285,7 @@ def test_prefix_resumes_through_trainer_checkpoints(tmp_path):
     def trainer():
         built = methods.build("prefix", tiny_llama(), num_virtual_tokens=4, encoder_hidden_size=16)
         # a runner's settings, then what the method forces (prefix: gradient checkpointing off)
-        settings = {"gradient_checkpointing": True, **built.training_overrides()}
+        settings = {"activation_checkpointing": True, **built.training_overrides()}
         args = TrainingArguments(
             output_dir=str(tmp_path),
             max_steps=4,
@@ -286,7 +298,7 @@ def test_prefix_resumes_through_trainer_checkpoints(tmp_path):
             disable_tqdm=True,
             **settings,
         )
-        assert args.gradient_checkpointing is False
+        assert args.activation_checkpointing is False and args.gradient_checkpointing is False
         return built, Trainer(model=built.model, args=args, train_dataset=ds, callbacks=[methods.trainer_callback(built)])
 
     full, t1 = trainer()

@@ -195,6 +195,19 @@ def test_fewshot_prompts_use_training_records():
     plain = scoring.build_prompts(recs[:1], tok, profile_in_prompt=False)
     assert len(prompts[0]) > len(plain[0])
     assert prompts[0].count("<|im_start|>assistant") == 3  # two shots + the generation prompt
+    # the per-group shortcut picks exactly the shots select_fewshot picks from the whole pool
+    from cuma.methods import select_fewshot
+
+    pool = pool + [dict(pool[0], id=f"x{i}", participant_id=f"x{i}") for i in range(4)]
+    pool.append(dict(pool[0], id="y", participant_id="y", profile={"age_group": "25-34"}))
+    targets = recs + [dict(recs[0], profile={"country": "Atlantis"}), dict(recs[0], profile={})]
+    for k in (1, 3, 6):
+        got = scoring.build_prompts(targets, tok, profile_in_prompt=False, fewshot_pool=pool, fewshot_k=k, fewshot_seed=7)
+        want = [
+            scoring.render_prompt(t, tok, profile_in_prompt=False, fewshot=select_fewshot(pool, t, k, seed=7))
+            for t in targets
+        ]
+        assert got == want
     with pytest.raises(ValueError, match="fewshot_pool"):
         scoring.build_prompts(recs[:1], tok, fewshot_k=2)
 

@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 from . import methods
 
-ModelRef = Union[str, os.PathLike, "PretrainedConfig"]  # noqa: F821
-
-
 def load_config(model: Any):
-    """A transformers config from a hub id, a local model directory, a ``config.json`` path or a config object."""
+    """A transformers config from an embedded model name (``smollm2-135m``), a hub id, a local model directory, a
+    ``config.json`` path, a config object or a config dict with ``model_type``."""
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(model, PretrainedConfig):
@@ -37,6 +35,9 @@ def load_config(model: Any):
             raise ValueError("a config dict needs a 'model_type' entry")
         return AutoConfig.for_model(model_type, **model)
     ref = os.fspath(model)
+    embedded = _embedded_config(ref)
+    if embedded is not None:
+        return embedded
     if os.path.isfile(ref):
         with open(ref) as fh:
             data = json.load(fh)
@@ -52,6 +53,26 @@ def load_config(model: Any):
             f"could not read a model config from {ref!r} (a hub id needs the hub or its local cache; a path needs a "
             f"config.json): {err}"
         ) from err
+
+
+def _embedded_config(name: str):
+    """Config of one of the embedded offline models (``smollm2-135m``), from its safetensors cache (made on first
+    use by :mod:`cuma.models`), or None when ``name`` is not an embedded model."""
+    try:
+        from . import models
+    except ImportError:  # pragma: no cover - cuma.models is part of the package
+        return None
+    if models.describe(name).get("kind") != "embedded":
+        return None
+    from transformers import AutoConfig
+
+    try:
+        folder, converted = models.ensure_embedded_cache(name)
+    except models.ModelLoadError as err:
+        raise FileNotFoundError(str(err)) from err
+    if folder is not None:
+        return AutoConfig.from_pretrained(folder)
+    return converted[0].config
 
 
 def meta_model(model: Any):
@@ -117,7 +138,11 @@ _FLAGS = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="hub id, local model directory or config.json of the base model")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="base model: embedded name (smollm2-135m), hub id, local model directory or config.json",
+    )
     parser.add_argument(
         "--method",
         required=True,

@@ -14,7 +14,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("cuma.accounting", "count trainable parameters of a method on a base model (meta device)"),
     "data": ("cuma.data.cli", "prepare data sets (wvb, synth)"),
     "eval": ("cuma.evaluate.cli", "evaluate a model or adapter (wvb)"),
+    "train": ("cuma.train.cli", "train a method (sft) from a YAML config with --key value overrides"),
 }
+
+# commands that take free-form `--section.key value` overrides after their own options
+ACCEPTS_OVERRIDES = {"train"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,12 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .encoder import EncoderLoadError
+    from .models import ModelLoadError
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ACCEPTS_OVERRIDES:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     mod = importlib.import_module(args._module)
     try:
         return int(mod.run(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, ImportError, ModelLoadError, EncoderLoadError) as err:
         print(f"cuma {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -212,8 +212,12 @@ class BuiltMethod:
         }
 
     def training_overrides(self) -> dict[str, Any]:
-        """Training-argument values this method forces (``prefix``: gradient checkpointing off)."""
-        return {} if self.gradient_checkpointing_allowed else {"gradient_checkpointing": False}
+        """``TrainingArguments`` values this method forces; merge them last (``prefix``: checkpointing off, under
+        both of transformers' names, ``activation_checkpointing`` and its deprecated alias
+        ``gradient_checkpointing``, so neither wins over the other)."""
+        if self.gradient_checkpointing_allowed:
+            return {}
+        return {name: False for name in _checkpointing_arg_names()}
 
     def disable_adapter(self) -> contextlib.AbstractContextManager:
         """Context in which the model computes the base model's outputs. PEFT adapters only; prompting baselines
@@ -225,6 +229,18 @@ class BuiltMethod:
                 f"method {self.spec.name!r} has no adapter to disable: it trains the base weights themselves"
             )
         return self.model.disable_adapter()
+
+
+def _checkpointing_arg_names() -> tuple[str, ...]:
+    import dataclasses
+
+    try:
+        from transformers import TrainingArguments
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return ("gradient_checkpointing",)
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    names = tuple(n for n in ("activation_checkpointing", "gradient_checkpointing") if n in fields)
+    return names or ("gradient_checkpointing",)
 
 
 def _jsonable(value):

@@ -102,10 +102,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_prepare_options(s, required=False)
 
 
-def _summary(manifest: dict) -> str:
-    return json.dumps(manifest, indent=2, ensure_ascii=False)
-
-
 def run(args: argparse.Namespace) -> int:
     from .splits import prepare_wvb
     from .synthetic import SynthConfig, write_synthetic

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -193,7 +192,8 @@ def validate_record(record: Any, where: Optional[str] = None) -> None:
     if record["scale_min"] > record["scale_max"]:
         raise bad("scale_min", f"<= scale_max ({record['scale_max']})")
     if not all(record["scale_min"] <= v <= record["scale_max"] for v in values):
-        raise bad("option_values", f"values within [scale_min, scale_max] = [{record['scale_min']}, {record['scale_max']}]")
+        raise bad("option_values", f"values within [scale_min, scale_max] = [{record['scale_min']}, "
+                  f"{record['scale_max']}]")
     if record["id"] != f"{record['participant_id']}:{record['question_id']}":
         raise bad("id", f"'{record['participant_id']}:{record['question_id']}' (participant_id:question_id)")
 
@@ -436,9 +436,3 @@ def load_prepared(path: PathLike, validate: bool = True, embeddings: bool = True
         profile_embeds=embeds,
         truth=truth_value,
     )
-
-
-def finite(value: float) -> Optional[float]:
-    """``value`` as float, or ``None`` for NaN/inf (JSON has no NaN)."""
-    value = float(value)
-    return value if math.isfinite(value) else None

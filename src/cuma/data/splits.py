@@ -108,12 +108,14 @@ def heldout_profiles(data: WVBData, spec: HoldoutSpec, seed: int) -> set[str]:
     profiles = _all_profile_texts(data)
     if spec.countries:
         known = sorted({p.country for p in profiles.values() if p.country})
-        unknown = [c for c in spec.countries if c not in known]
+        by_lower = {c.lower(): c for c in known}
+        unknown = [c for c in spec.countries if c.lower() not in by_lower]
         if unknown:
             raise ValueError(
                 f"--holdout-countries: {unknown} are not countries of the data (column B_COUNTRY); known: {known}"
             )
-        held = {t for t, p in profiles.items() if p.country in spec.countries}
+        wanted = {by_lower[c.lower()] for c in spec.countries}
+        held = {t for t, p in profiles.items() if p.country in wanted}
     else:
         texts = sorted(profiles)
         k = int(round(spec.fraction * len(texts)))
@@ -199,7 +201,12 @@ def select_pairs(
         sel.pairs_available[split] = int((part.valid & allowed[:, None]).sum())
         sel.participants_used[split] = int(allowed.sum())
         sel.pairs[split] = sample_pairs(
-            part.valid, counts[split], seed, _STREAM[split], allowed_rows=allowed, name=f"--{split}-pairs ({split} split)"
+            part.valid,
+            counts[split],
+            seed,
+            _STREAM[split],
+            allowed_rows=allowed,
+            name=f"--{split}-pairs ({split} split)",
         )
     return sel
 
@@ -291,6 +298,7 @@ def prepare_wvb(
     )
     records, profiles = build_records(data, selection)
     enc = _resolve_encoder(encoder, encoder_device)
+    encoder_name = None if enc is None else (encoder if isinstance(encoder, str) else getattr(enc, "source", None))
     embeds = None
     if enc is not None and profiles:
         import torch
@@ -299,9 +307,12 @@ def prepare_wvb(
         if embeds.shape != (len(profiles), enc.dim):
             raise RuntimeError(f"encoder returned {tuple(embeds.shape)}, expected ({len(profiles)}, {enc.dim})")
     truth_path = _truth_file(data)
-    inputs = {name: {"path": str(path), "sha256": sha256_file(path)} for name, path in data.input_files().items()}
+    inputs = {
+        name: {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
+        for name, path in data.input_files().items()
+    }
     if truth_path is not None:
-        inputs["truth.json"] = {"path": str(truth_path), "sha256": sha256_file(truth_path)}
+        inputs["truth.json"] = {"path": str(truth_path.resolve()), "sha256": sha256_file(truth_path)}
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
         for split in SPLITS:
@@ -314,7 +325,11 @@ def prepare_wvb(
             save_file(
                 {EMBEDS_KEY: embeds},
                 str(tmp / EMBEDS_FILE),
-                metadata={"encoder": str(getattr(enc, "source", "")), "dim": str(enc.dim), "profiles": "profiles.jsonl"},
+                metadata={
+                    "encoder": str(getattr(enc, "source", "")),
+                    "dim": str(enc.dim),
+                    "profiles": "profiles.jsonl",
+                },
             )
             embeddings_info = {"file": EMBEDS_FILE, "key": EMBEDS_KEY, "shape": list(embeds.shape), "dtype": "float32"}
         oracle_test = None
@@ -330,17 +345,17 @@ def prepare_wvb(
             "dataset": "synthetic" if truth_path is not None else "wvb",
             "command": list(command) if command is not None else None,
             "options": {
-                "wvb": str(data.paths.data_dir.parent),
+                "wvb": str(data.paths.data_dir.parent.resolve()),
                 "train_pairs": "all" if parse_pair_count(train_pairs) == ALL else int(train_pairs),
                 "valid_pairs": "all" if parse_pair_count(valid_pairs) == ALL else int(valid_pairs),
                 "test_pairs": "all" if parse_pair_count(test_pairs) == ALL else int(test_pairs),
                 "seed": seed,
                 "holdout": spec.describe(),
-                "encoder": None if enc is None else (encoder if isinstance(encoder, str) else getattr(enc, "source", None)),
+                "encoder": encoder_name,
                 "questions": list(question_ids) if question_ids is not None else None,
             },
             "seed": seed,
-            "source": {"data_dir": str(data.paths.data_dir), "files": inputs},
+            "source": {"data_dir": str(data.paths.data_dir.resolve()), "files": inputs},
             "questions": {
                 "count": len(data.questions),
                 "ids": data.question_ids,

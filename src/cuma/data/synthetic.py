@@ -141,19 +141,29 @@ class SynthConfig:
     valid_fraction: float = 0.15
 
     def validate(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(msg)
+        """Raise ``ValueError`` naming the option when a knob is out of range."""
 
-        need(isinstance(self.participants, int) and self.participants >= 20, f"--participants must be an integer >= 20, got {self.participants!r}")
-        need(isinstance(self.questions, int) and 1 <= self.questions <= _pool_size(question_pool()), f"--questions must be 1..{_pool_size(question_pool())}, got {self.questions!r}")
-        need(isinstance(self.modes, int) and 2 <= self.modes <= 12, f"--modes must be 2..12, got {self.modes!r}")
-        need(isinstance(self.countries, int) and 2 <= self.countries <= len(COUNTRIES), f"--countries must be 2..{len(COUNTRIES)}, got {self.countries!r}")
-        need(isinstance(self.seed, int) and self.seed >= 0, f"--seed must be a non-negative integer, got {self.seed!r}")
-        need(0.0 <= self.missing_rate < 0.5, f"missing_rate must be in [0, 0.5), got {self.missing_rate!r}")
-        need(0.0 <= self.agree_fraction <= 1.0, f"agree_fraction must be in [0, 1], got {self.agree_fraction!r}")
-        need(0 < self.train_fraction and 0 < self.valid_fraction and self.train_fraction + self.valid_fraction < 1,
-             "train_fraction and valid_fraction must be positive and sum to less than 1")  # fmt: skip
+        def whole(value: Any, lo: int, hi: Optional[int]) -> bool:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo
+            return ok and (hi is None or value <= hi)
+
+        pool = _pool_size(question_pool())
+        checks = [
+            (whole(self.participants, 20, None), f"--participants must be an integer >= 20, got {self.participants!r}"),
+            (whole(self.questions, 1, pool), f"--questions must be 1..{pool}, got {self.questions!r}"),
+            (whole(self.modes, 2, 12), f"--modes must be 2..12, got {self.modes!r}"),
+            (whole(self.countries, 2, len(COUNTRIES)), f"--countries must be 2..{len(COUNTRIES)}, got {self.countries!r}"),
+            (whole(self.seed, 0, None), f"--seed must be a non-negative integer, got {self.seed!r}"),
+            (0.0 <= self.missing_rate < 0.5, f"missing_rate must be in [0, 0.5), got {self.missing_rate!r}"),
+            (0.0 <= self.agree_fraction <= 1.0, f"agree_fraction must be in [0, 1], got {self.agree_fraction!r}"),
+            (
+                0 < self.train_fraction and 0 < self.valid_fraction and self.train_fraction + self.valid_fraction < 1,
+                "train_fraction and valid_fraction must be positive and sum to less than 1",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
 
 # --------------------------------------------------------------------------------------------------------- questions
@@ -277,11 +287,7 @@ def _select_questions(n: int, rng: np.random.Generator) -> list[tuple[_Family, i
     chosen: list[tuple[_Family, int]] = []
     if n >= 8:
         chosen += [(f, 0) for f in recoded]
-    remaining = n - len(chosen)
-    if remaining > _pool_size(regular):
-        # only reachable when n is near the pool size and < 8 is impossible; take the recoded ones too
-        chosen = [(f, 0) for f in recoded]
-        remaining = n - len(chosen)
+    remaining = n - len(chosen)  # <= the regular pool: n is capped at the whole pool by SynthConfig.validate
     weights = np.array([f.weight for f in regular], dtype=float)
     caps = np.array([len(f.items) for f in regular])
     counts = np.zeros(len(regular), dtype=int)
@@ -719,9 +725,12 @@ def write_synthetic(out: PathLike, config: SynthConfig = SynthConfig(), overwrit
                 _tsv(pop.value_header, (pop.value_rows[i] for i in keep)), encoding="utf-8"
             )
         meta_dir.mkdir()
-        (meta_dir / "question_metadata.json").write_text(dumps(pop.question_metadata, indent=4) + "\n", encoding="utf-8")
-        (meta_dir / "codebook.json").write_text(dumps(pop.codebook, indent=4) + "\n", encoding="utf-8")
-        (meta_dir / "answer_adjustment.json").write_text(dumps(pop.answer_adjustment, indent=4) + "\n", encoding="utf-8")
+        for name, value in (
+            ("question_metadata.json", pop.question_metadata),
+            ("codebook.json", pop.codebook),
+            ("answer_adjustment.json", pop.answer_adjustment),
+        ):
+            (meta_dir / name).write_text(dumps(value, indent=4) + "\n", encoding="utf-8")
         (tmp / "truth.json").write_text(dumps(pop.truth) + "\n", encoding="utf-8")
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         counts = {s: pop.split_of.count(s) for s in ("train", "valid", "test")}
@@ -751,9 +760,12 @@ def load_truth(path: PathLike) -> dict[str, Any]:
     if p.is_dir():
         p = p / "truth.json"
     if not p.is_file():
-        raise FileNotFoundError(f"no truth.json at {str(p)!r} (only synthetic data written by `cuma data synth` has one)")
+        raise FileNotFoundError(
+            f"no truth.json at {str(p)!r} (only synthetic data written by `cuma data synth` has one)"
+        )
     value = json.loads(p.read_text(encoding="utf-8"))
     if not isinstance(value, dict) or value.get("format") != TRUTH_FORMAT:
-        raise ValueError(f"{p}: expected a {TRUTH_FORMAT!r} file, got format {value.get('format') if isinstance(value, dict) else None!r}")
+        found = value.get("format") if isinstance(value, dict) else None
+        raise ValueError(f"{p}: expected a {TRUTH_FORMAT!r} file, got format {found!r}")
     return value
 

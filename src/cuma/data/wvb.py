@@ -65,7 +65,7 @@ DATA_FOLDER = "WorldValuesBench"
 METADATA_FOLDER = "dataset_construction"
 METADATA_FILES = ("question_metadata.json", "codebook.json", "answer_adjustment.json")
 SPLIT_NAMES = ("train", "valid", "test")
-ANSWER_MISSING = -32768  # sentinel in WVBSplit.answers where valid is False
+ANSWER_MISSING = -(2**31)  # sentinel in WVBSplit.answers where valid is False
 
 # Reasons an answer cell is dropped (keys of WVBData.dropped).
 DROP_EMPTY = "empty"  # empty cell / NaN
@@ -129,10 +129,13 @@ def find_wvb_paths(root: PathLike) -> WVBPaths:
             "the participant split files {train,valid,test}/{split}_{demographic,value}_qa.tsv in any of: "
             + ", ".join(str(c) for c in data_candidates)
         )
-    meta_candidates = [root / METADATA_FOLDER, root]
+    # dataset_construction/ first: WVB's build script also copies question_metadata.json into WorldValuesBench/
+    meta_candidates = [root / METADATA_FOLDER]
     if data_dir is not None:
-        meta_candidates += [data_dir.parent / METADATA_FOLDER, data_dir]
-    meta_candidates.append(root.parent / METADATA_FOLDER)
+        meta_candidates.append(data_dir.parent / METADATA_FOLDER)
+    meta_candidates += [root.parent / METADATA_FOLDER, root]
+    if data_dir is not None:
+        meta_candidates.append(data_dir)
     meta_candidates = list(dict.fromkeys(meta_candidates))
     found: dict[str, Path] = {}
     for name in METADATA_FILES:
@@ -337,7 +340,8 @@ def load_questions(
     meta = _load_json(paths.question_metadata, "an object: question id -> metadata")
     codebook = _load_json(paths.codebook, "an object: question id -> {question, choices, ...}")
     adjustment = _load_json(paths.answer_adjustment, "an object: question id -> {raw code: adjusted value}")
-    for path, value in ((paths.question_metadata, meta), (paths.codebook, codebook), (paths.answer_adjustment, adjustment)):
+    loaded = ((paths.question_metadata, meta), (paths.codebook, codebook), (paths.answer_adjustment, adjustment))
+    for path, value in loaded:
         if not isinstance(value, dict):
             raise ValueError(f"{path}: expected a JSON object keyed by question id, got {type(value).__name__}")
     for qid, entry in adjustment.items():
@@ -460,7 +464,7 @@ class WVBSplit:
     name: str
     participant_ids: list[str]
     profiles: list[Profile]
-    answers: np.ndarray  # (P, Q) int16 adjusted values; ANSWER_MISSING where not valid
+    answers: np.ndarray  # (P, Q) int32 adjusted values; ANSWER_MISSING where not valid
     valid: np.ndarray  # (P, Q) bool
 
     @property
@@ -683,7 +687,7 @@ def _parse_value_column(
             drops[reason] += int(counts[k])
     values = uniq_value[codes]
     valid = values != ANSWER_MISSING
-    return values.astype(np.int16), valid
+    return values.astype(np.int32), valid
 
 
 def load_wvb(
@@ -754,7 +758,7 @@ def load_wvb(
             zip(demo_ids, _load_profiles(dpath, demo, demo_ids, field_map, label_maps, missing_counts, mapped_counts))
         )
         profiles = [profiles_by_id[p] for p in value_ids]
-        answers = np.full((len(value_ids), len(questions)), ANSWER_MISSING, dtype=np.int16)
+        answers = np.full((len(value_ids), len(questions)), ANSWER_MISSING, dtype=np.int32)
         valid = np.zeros((len(value_ids), len(questions)), dtype=bool)
         split_drops = Counter()
         absent: list[str] = []

@@ -26,7 +26,10 @@ __all__ = [
     "answer_positions",
     "build_prompts",
     "letter_ids_for",
+    "letter_token_ids",
     "load_profile_table",
+    "prediction",
+    "render_prompt",
     "score_prompts",
     "score_records",
 ]
@@ -62,13 +65,30 @@ def build_prompts(
     """One prompt string per record; with ``fewshot_k > 0`` each gets ``select_fewshot(fewshot_pool, record, k)``
     shots (same-country training records when there are enough) rendered as prior turns."""
     select = None
+    groups: dict = {}
     if fewshot_k > 0:
         if not fewshot_pool:
             raise ValueError("few-shot prompting needs training records to draw shots from (fewshot_pool is empty)")
+        from ..methods import _field
         from ..methods import select_fewshot as select
+
+        # select_fewshot scans its whole pool per target; handing it only the target's group when that group has
+        # more than k records gives the same shots (same filtered list, same seeded draw) in O(group) time
+        for r in fewshot_pool:
+            value = _field(r, fewshot_key)
+            try:
+                groups.setdefault(value, []).append(r)
+            except TypeError:  # unhashable group value: no shortcut
+                groups = {}
+                break
     out = []
     for rec in records:
-        shots = select(fewshot_pool, rec, fewshot_k, seed=fewshot_seed, key=fewshot_key) if select else None
+        shots = None
+        if select is not None:
+            value = _field(rec, fewshot_key)
+            sub = groups.get(value) if groups and value is not None else None
+            pool = sub if sub is not None and len(sub) > fewshot_k else fewshot_pool
+            shots = select(pool, rec, fewshot_k, seed=fewshot_seed, key=fewshot_key)
         out.append(render_prompt(rec, tokenizer, profile_in_prompt=profile_in_prompt, fewshot=shots))
     return out
 

@@ -1,0 +1,39 @@
+"""`cuma train sft --config FILE [--section.key value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="train_command", metavar="STAGE")
+    sub.required = True
+    sft = sub.add_parser(
+        "sft",
+        help="conditional SFT of any registry method",
+        description="Conditional SFT. Any config field can be overridden: --train.learning_rate 1e-4, "
+        "--method.options.r 64, or a unique leaf name alone (--learning_rate 1e-4).",
+    )
+    sft.add_argument("--config", help="YAML config (configs/wvb/*.yaml); defaults apply when omitted")
+    sft.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import dump_yaml, load_config
+
+    if args.train_command == "sft":
+        from .config import SFTRunConfig
+
+        cfg = load_config(SFTRunConfig, args.config, args.overrides)
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
+        from .sft import run_sft
+
+        run = run_sft(cfg)
+        print(
+            f"trained {run['method']['method']} for {run['global_step']} steps in {run['train_seconds']:.1f} s "
+            f"(train loss {run['train_loss']:.4f}); saved to {cfg.train.output_dir}"
+        )
+        return 0
+    raise ValueError(f"unknown train stage {args.train_command!r}")

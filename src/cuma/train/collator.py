@@ -1,0 +1,82 @@
+"""Tokenised conditional-SFT examples and the collator that carries ``profile_embeds`` into the batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..data.prompts import answer_text, render_messages, render_prompt
+
+
+def tokenize_example(record: dict, tokenizer, profile_in_prompt: bool, max_length: int) -> dict:
+    """Prompt + answer tokenised with the chat template; ``completion_mask`` marks the assistant tokens (the loss).
+
+    The prompt is rendered with the generation prompt and the full conversation with the assistant's answer; the
+    answer tokens are the full conversation's suffix after the prompt. Prompts are truncated from the left so the
+    answer always survives."""
+    prompt = render_prompt(record, tokenizer, profile_in_prompt=profile_in_prompt)
+    messages = render_messages(record, profile_in_prompt=profile_in_prompt)
+    messages.append({"role": "assistant", "content": answer_text(record)})
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError(
+            f"record {record.get('id')!r}: the chat template does not render the prompt as a prefix of the full "
+            "conversation, so the assistant tokens cannot be located"
+        )
+    answer_ids = full_ids[len(prompt_ids) :]
+    if not answer_ids:
+        raise ValueError(f"record {record.get('id')!r}: the answer rendered to no tokens")
+    keep = max_length - len(answer_ids)
+    if keep <= 0:
+        raise ValueError(f"data.max_length={max_length} is shorter than the answer of record {record.get('id')!r}")
+    prompt_ids = prompt_ids[-keep:]
+    return {
+        "input_ids": prompt_ids + answer_ids,
+        "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids),
+        "profile_index": int(record.get("profile_index", -1)),
+        "profile_text": record.get("profile_text", ""),
+    }
+
+
+@dataclass
+class ProfileCollator:
+    """Pads a list of tokenised examples (right padding) and adds ``labels`` (assistant tokens only) and, for methods
+    that route on the profile, ``profile_embeds`` looked up in the precomputed table or encoded on the fly."""
+
+    pad_token_id: int
+    profile_table: Optional[torch.Tensor] = None  # (num_profiles, dim)
+    encoder: Any = None  # a cuma.ProfileEncoder, used when there is no table
+    uses_profile: bool = True
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        labels = torch.full((len(examples), length), -100, dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            row = torch.as_tensor(e["input_ids"], dtype=torch.long)
+            ids[i, :n] = row
+            mask[i, :n] = 1
+            completion = torch.as_tensor(e["completion_mask"], dtype=torch.bool)
+            labels[i, :n] = torch.where(completion, row, torch.full_like(row, -100))
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if self.uses_profile:
+            batch["profile_embeds"] = self.profile_rows(examples)
+        return batch
+
+    def profile_rows(self, examples: Sequence[dict]) -> torch.Tensor:
+        if self.profile_table is not None:
+            index = torch.as_tensor([int(e["profile_index"]) for e in examples])
+            if (index < 0).any() or (index >= self.profile_table.shape[0]).any():
+                raise ValueError(
+                    f"profile_index out of range for the profile table of {self.profile_table.shape[0]} rows"
+                )
+            return self.profile_table[index]
+        if self.encoder is None:
+            raise ValueError("the method routes on the profile but there is neither a profile table nor an encoder")
+        return self.encoder.encode([e["profile_text"] for e in examples])

@@ -1,0 +1,249 @@
+"""Conditional SFT for every method of the registry, on TRL's SFTTrainer.
+
+The recipe reads top to bottom in :func:`run_sft`: prepared data -> tokenised examples -> base model -> method ->
+trainer (balance loss added in ``compute_loss``) -> train -> adapter + run record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from .. import methods
+from ..config import dump_yaml, to_dict
+from ..routing import clear_balance_loss, pop_balance_loss, record_gates
+from ..runinfo import atomic_write_text, environment_record, sha256_file
+from .collator import ProfileCollator, tokenize_example
+from .config import SFTRunConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def expert_load_entropy(record) -> Optional[float]:
+    """Mean over routed layers of the normalised entropy of the expert load (non-pad tokens): 1 = every expert used
+    equally, 0 = one expert takes everything (routing collapse)."""
+    values = []
+    for name, gates in record.gates.items():
+        for g, m in zip(gates, record.masks[name]):
+            g = g.float()
+            if m is not None:
+                g = g[m.to(g.device)]
+            else:
+                g = g.reshape(-1, g.shape[-1])
+            if g.numel() == 0 or g.shape[-1] < 2:
+                continue
+            load = g.sum(0) / g.sum().clamp_min(1e-12)
+            h = -(load * load.clamp_min(1e-12).log()).sum() / math.log(g.shape[-1])
+            values.append(h.item())
+    return sum(values) / len(values) if values else None
+
+
+class ProfileSFTTrainer(SFTTrainer):
+    """SFTTrainer that adds the routers' balance loss with the trainer's gradient-accumulation scaling and logs it
+    (and the expert-load entropy) separately. Works unchanged for methods without routers."""
+
+    def __init__(self, *args, router_learning_rate: Optional[float] = None, **kwargs):
+        self.router_learning_rate = router_learning_rate
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        clear_balance_loss(model)  # drop terms a gradient-checkpointing recompute left behind
+        with record_gates(model, to_cpu=False) if mode == "train" else nullcontext() as rec:
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        balance = pop_balance_loss(model)
+        if balance is not None:
+            # like TRL's MoE aux loss: a per-micro-batch mean; with num_items_in_batch the Trainer leaves gradient
+            # accumulation to the loss, so average it over the accumulation steps here
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + balance.to(loss.device) / steps
+            self._metrics[mode]["balance_loss"].append(float(balance.detach()))
+        if rec is not None and rec.gates:
+            entropy = expert_load_entropy(rec)
+            if entropy is not None:
+                self._metrics[mode]["expert_load_entropy"].append(entropy)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.router_learning_rate is None or self.optimizer is not None:
+            return super().create_optimizer(*args, **kwargs)
+        # routers and the profile projection get their own learning rate; everything else the main one
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        routed = [p for n, p in params if "router" in n or "profile_proj" in n]
+        other = [p for n, p in params if not ("router" in n or "profile_proj" in n)]
+        groups = [{"params": other, "lr": self.args.learning_rate}]
+        if routed:
+            groups.append({"params": routed, "lr": self.router_learning_rate})
+        self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+        return self.optimizer
+
+
+def _sft_args(cfg: SFTRunConfig, built: methods.BuiltMethod, has_eval: bool) -> SFTConfig:
+    t = cfg.train
+    gradient_checkpointing = t.gradient_checkpointing and built.gradient_checkpointing_allowed
+    return SFTConfig(
+        output_dir=t.output_dir,
+        seed=t.seed,
+        data_seed=t.seed,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        logging_steps=t.logging_steps,
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        report_to=t.report_to,
+        deepspeed=t.deepspeed,
+        dataloader_num_workers=t.dataloader_num_workers,
+        disable_tqdm=t.disable_tqdm,
+        # the collator builds labels and profile_embeds from our own tokenised columns
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        max_length=cfg.data.max_length,
+        # every expert parameter is in the graph (dense experts), so DDP needs no unused-parameter search
+        ddp_find_unused_parameters=False,
+    )
+
+
+def _resume_arg(value: Optional[str]):
+    if value is None:
+        return None
+    return True if value == "latest" else value
+
+
+def run_sft(cfg: SFTRunConfig) -> dict[str, Any]:
+    """Train ``cfg.method.name`` on the prepared data and save the result in ``cfg.train.output_dir``."""
+    from datasets import Dataset
+    from transformers import set_seed
+
+    from ..data.records import load_prepared
+    from ..models import describe, load_base_and_tokenizer
+
+    out = Path(cfg.train.output_dir)
+    set_seed(cfg.train.seed)
+    t0 = time.perf_counter()
+
+    # data -> tokenised examples
+    data = load_prepared(cfg.data.path)
+    records = data.split(cfg.data.train_split)
+    if cfg.data.limit is not None:
+        records = records[: cfg.data.limit]
+    if not records:
+        raise ValueError(f"data.path={cfg.data.path}: split {cfg.data.train_split!r} has no records to train on")
+    eval_records = data.split(cfg.data.eval_split) if cfg.data.eval_split else []
+
+    # base model -> method
+    if cfg.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype: expected one of {sorted(DTYPES)}, got {cfg.model.dtype!r}")
+    base, tokenizer = load_base_and_tokenizer(cfg.model.name_or_path, dtype=DTYPES[cfg.model.dtype])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    options = dict(cfg.method.options)
+    if cfg.method.profile_in_prompt is not None:
+        options["profile_in_prompt"] = cfg.method.profile_in_prompt
+    spec = methods.get_spec(cfg.method.name)
+    if not spec.trainable:
+        raise ValueError(f"method.name={cfg.method.name!r} is a prompting baseline: there is nothing to train")
+    if spec.profile_routing and "profile_dim" in spec.options and "profile_dim" not in options:
+        options["profile_dim"] = _profile_dim(data, cfg)
+    built = methods.build(cfg.method.name, base, **options)
+
+    def tokenize(rows):
+        return [tokenize_example(r, tokenizer, built.profile_in_prompt, cfg.data.max_length) for r in rows]
+
+    train_ds = Dataset.from_list(tokenize(records))
+    eval_ds = Dataset.from_list(tokenize(eval_records)) if eval_records else None
+
+    encoder = None
+    table = data.profile_embeds
+    if built.uses_profile and (cfg.data.encoder or table is None):
+        from ..encoder import ProfileEncoder
+
+        encoder = ProfileEncoder(cfg.data.encoder) if cfg.data.encoder else ProfileEncoder.default()
+        table = None
+    if built.uses_profile:
+        width = table.shape[1] if table is not None else encoder.dim
+        if width != built.profile_dim:
+            raise ValueError(
+                f"method.options.profile_dim={built.profile_dim} does not match the profile embeddings' width {width}"
+            )
+    collator = ProfileCollator(
+        pad_token_id=tokenizer.pad_token_id, profile_table=table, encoder=encoder, uses_profile=built.uses_profile
+    )
+
+    callbacks = [cb for cb in [methods.trainer_callback(built)] if cb is not None]
+    trainer = ProfileSFTTrainer(
+        model=built.model,
+        args=_sft_args(cfg, built, eval_ds is not None),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        data_collator=collator,
+        callbacks=callbacks,
+        router_learning_rate=cfg.train.router_learning_rate,
+    )
+    t_train = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=_resume_arg(cfg.train.resume_from_checkpoint))
+    train_seconds = time.perf_counter() - t_train
+
+    # outputs: the method (adapter / full model), resolved config, versions, data hashes
+    methods.save(built, out)
+    tokens = sum(len(x) for x in train_ds["input_ids"])
+    history = [h for h in trainer.state.log_history if "loss" in h or "balance_loss" in h]
+    run = {
+        "command": "cuma train sft",
+        "method": built.record(),
+        "train_loss": result.training_loss,
+        "global_step": trainer.state.global_step,
+        "train_seconds": round(train_seconds, 2),
+        "total_seconds": round(time.perf_counter() - t0, 2),
+        "train_records": len(records),
+        "train_tokens_per_epoch": tokens,
+        "log_history": history,
+        "base_model": describe(cfg.model.name_or_path),
+        "data": {
+            "path": str(data.path),
+            "manifest_sha256": sha256_file(data.path / "manifest.json"),
+            "train_sha256": sha256_file(data.path / f"{cfg.data.train_split}.jsonl"),
+        },
+        "environment": environment_record(),
+    }
+    if trainer.is_world_process_zero():
+        atomic_write_text(out / "resolved_config.yaml", dump_yaml(cfg))
+        atomic_write_text(out / "run.json", json.dumps(run, indent=2, default=str))
+    return run
+
+
+def _profile_dim(data, cfg: SFTRunConfig) -> int:
+    if cfg.data.encoder:
+        from ..encoder import ProfileEncoder
+
+        return ProfileEncoder(cfg.data.encoder).dim
+    if data.profile_embeds is not None:
+        return int(data.profile_embeds.shape[1])
+    from ..encoder import ProfileEncoder
+
+    return ProfileEncoder.default().dim
