@@ -67,3 +67,58 @@ def batch(bsz: int = 3, length: int = 7, seed: int = 1, vocab: int = 128):
 def profiles(bsz: int = 3, dim: int = 16, seed: int = 2):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(bsz, dim, generator=g)
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_chat_tokenizer(padding_side: str = "right"):
+    """Character-level tokenizer (102 tokens: fits tiny_llama's vocab of 128) with a ChatML template, built in code."""
+    import string
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r\t"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama and its chat tokenizer saved as a local model folder (what `--model PATH` loads)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(seed=0).save_pretrained(path)
+    tiny_chat_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory):
+    """A prepared-data folder from the synthetic generator (few participants, short questions) with a random
+    16-d profile table standing in for encoder embeddings."""
+    from safetensors.torch import save_file
+
+    from cuma.data.records import load_prepared
+    from cuma.data.splits import prepare_wvb
+    from cuma.data.synthetic import SynthConfig, write_synthetic
+    from cuma.data.wvb import load_wvb
+
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic(root / "raw", SynthConfig(participants=80, questions=6, modes=2, seed=0))
+    prepare_wvb(load_wvb(root / "raw"), root / "prepared", train_pairs=24, test_pairs=12, seed=0, encoder=None)
+    data = load_prepared(root / "prepared", embeddings=False)
+    g = torch.Generator().manual_seed(0)
+    save_file({"profile_embeds": torch.randn(len(data.profiles), 16, generator=g)}, str(root / "prepared" / "profile_embeds.safetensors"))
+    return root / "prepared"

@@ -136,21 +136,30 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
-def _leaf_paths(cls, prefix=()) -> list[tuple[str, ...]]:
-    paths = []
+def _leaf_types(cls, prefix=()) -> dict[tuple[str, ...], Any]:
+    """Dotted path of every non-dataclass field -> its type (Optional unwrapped)."""
+    out = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _is_optional(hints[f.name])[1]
         if dataclasses.is_dataclass(tp):
-            paths += _leaf_paths(tp, prefix + (f.name,))
+            out.update(_leaf_types(tp, prefix + (f.name,)))
         else:
-            paths.append(prefix + (f.name,))
-    return paths
+            out[prefix + (f.name,)] = tp
+    return out
+
+
+def _parse_value(raw: str, tp) -> Any:
+    # strings stay verbatim (YAML would turn "no" into False and "1e-4" stays a string only by luck)
+    if tp is str or (_origin(tp) in (list, tuple) and typing.get_args(tp)[:1] == (str,)):
+        return raw
+    return yaml.safe_load(raw) if raw != "" else ""
 
 
 def parse_overrides(cls, argv: list[str]) -> dict:
     """``["--train.learning_rate", "1e-4", "--seed=3"]`` -> nested dict, keys resolved against ``cls``."""
-    leaves = _leaf_paths(cls)
+    types_ = _leaf_types(cls)
+    leaves = list(types_)
     by_leaf: dict[str, list[tuple[str, ...]]] = {}
     for p in leaves:
         by_leaf.setdefault(p[-1], []).append(p)
@@ -172,7 +181,7 @@ def parse_overrides(cls, argv: list[str]) -> dict:
         key = key.replace("-", "_")
         parts = tuple(key.split("."))
         path = _resolve_path(parts, leaves, by_leaf, key)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _parse_value(raw, types_.get(path))
         node = out
         for p in path[:-1]:
             node = node.setdefault(p, {})

@@ -6,6 +6,7 @@ trainer (balance loss added in ``compute_loss``) -> train -> adapter + run recor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -58,9 +59,11 @@ class ProfileSFTTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         clear_balance_loss(model)  # drop terms a gradient-checkpointing recompute left behind
         with record_gates(model, to_cpu=False) if mode == "train" else nullcontext() as rec:
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            # return_outputs only when asked: TRL's fused LM head then needs a second forward for the logits
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        loss, outputs = result if return_outputs else (result, None)
         balance = pop_balance_loss(model)
         if balance is not None:
             # like TRL's MoE aux loss: a per-micro-batch mean; with num_items_in_batch the Trainer leaves gradient
@@ -91,7 +94,15 @@ class ProfileSFTTrainer(SFTTrainer):
 def _sft_args(cfg: SFTRunConfig, built: methods.BuiltMethod, has_eval: bool) -> SFTConfig:
     t = cfg.train
     gradient_checkpointing = t.gradient_checkpointing and built.gradient_checkpointing_allowed
+    # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name still works, warns)
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    checkpointing = {
+        ckpt: gradient_checkpointing,
+        f"{ckpt}_kwargs": {"use_reentrant": False} if gradient_checkpointing else None,
+    }
     return SFTConfig(
+        **checkpointing,
         output_dir=t.output_dir,
         seed=t.seed,
         data_seed=t.seed,
@@ -105,8 +116,6 @@ def _sft_args(cfg: SFTRunConfig, built: methods.BuiltMethod, has_eval: bool) -> 
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         bf16=t.bf16,
         fp16=t.fp16,
         logging_steps=t.logging_steps,

@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# ablation: profile not in the prompt (router only). Env: MODEL, DATA, OUT, NUM_GPUS, ACCELERATE_CONFIG; extra args override the config.
+exec "$(dirname "$0")/_launch.sh" configs/wvb/cuma_r8_wo_demo.yaml "$@"

@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# zero-shot: CuMA r=8 on data with held-out profile groups. Env: MODEL, DATA, OUT, NUM_GPUS, ACCELERATE_CONFIG; extra args override the config.
+exec "$(dirname "$0")/_launch.sh" configs/wvb/cuma_r8_zeroshot.yaml "$@"
