@@ -37,10 +37,26 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (overrides the default)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls per variant")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wait-load", type=float, default=None, metavar="L",
+                   help="before starting, wait (up to 15 min) until the 1-minute load average is below L")
     return p
 
 
-def setup_torch(threads: Optional[int], seed: int = 0) -> int:
+def wait_for_quiet(max_load: Optional[float], timeout_s: float = 900.0, poll_s: float = 10.0) -> Optional[float]:
+    """Block until the 1-minute load average drops below ``max_load`` (or the timeout); returns the load seen."""
+    if max_load is None:
+        return None
+    start = time.perf_counter()
+    load = os.getloadavg()[0]
+    while load >= max_load and time.perf_counter() - start < timeout_s:
+        print(f"waiting for load < {max_load} (now {load:.2f})", flush=True)
+        time.sleep(poll_s)
+        load = os.getloadavg()[0]
+    return load
+
+
+def setup_torch(threads: Optional[int], seed: int = 0, wait_load: Optional[float] = None) -> int:
+    wait_for_quiet(wait_load)
     n = threads or default_threads()
     torch.set_num_threads(n)
     torch.manual_seed(seed)

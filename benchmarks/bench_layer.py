@@ -146,7 +146,7 @@ def main() -> None:
     p.add_argument("--build", choices=["direct", "peft"], default="direct")
     p.add_argument("--no-proto", action="store_true", help="skip the cuma-proto and cuma-fused variants")
     args = p.parse_args()
-    threads = setup_torch(args.threads, args.seed)
+    threads = setup_torch(args.threads, args.seed, args.wait_load)
     env = environment(threads)
     tokens = (args.batch, args.seq)
     print(f"bench_layer: fwd+bwd of one adapted {args.build}-built Linear, fp32, {threads} threads, "

@@ -159,7 +159,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     args = p.parse_args()
-    threads = setup_torch(args.threads, args.seed)
+    threads = setup_torch(args.threads, args.seed, args.wait_load)
     env = environment(threads)
     tokens = (args.batch, args.seq)
     reps = args.reps or (12 if args.quick else 60)

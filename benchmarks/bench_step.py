@@ -158,7 +158,7 @@ def main() -> None:
                    help="also time the prototype CuMA layer forwards of benchmarks/_proto.py (cuma-proto, cuma-fused)")
     p.add_argument("--budget", type=float, default=None, help="stop timing after this many seconds (>= 3 rounds)")
     args = p.parse_args()
-    threads = setup_torch(args.threads, args.seed)
+    threads = setup_torch(args.threads, args.seed, args.wait_load)
     env = environment(threads)
     batch = args.batch or (4 if args.quick else 8)
     seq = args.seq or (64 if args.quick else 128)

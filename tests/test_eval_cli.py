@@ -204,3 +204,33 @@ def test_dispatch_through_cuma_cli(workspace, tmp_path, capsys):
     assert cli.main(["eval", "wvb", "--model", workspace["model"], "--method", "lora", "--data", workspace["data"],
                      "--out", str(out), "--no-progress"]) == 2
     assert "--adapter" in capsys.readouterr().err
+
+
+def test_report_writers(tmp_path):
+    from cuma.evaluate import report
+
+    rows = [
+        {"id": "p1:Q1", "question_id": "Q1", "participant_id": "p1", "profile": {"country": 'Co"te\td', "gender": "F"},
+         "held_out": True, "letters": ["A", "B"], "probs": [0.25, 0.75], "gold_letter": "B", "gold_value": 2,
+         "pred_letter": "B", "pred_value": 2},
+        {"id": "p2:Q1", "question_id": "Q1", "participant_id": "p2", "profile": {"age_group": "25-34"},
+         "letters": ["A", "B"], "probs": [1.0, 0.0], "gold_letter": "B", "gold_value": 2, "pred_letter": "A",
+         "pred_value": 1},
+    ]
+    path = report.write_predictions_tsv(tmp_path / "predictions.tsv", rows)
+    text = open(path).read()
+    assert text.splitlines()[0].split("\t") == [
+        "id", "question_id", "participant_id", "country", "age_group", "gender", "held_out", "gold_letter",
+        "gold_value", "pred_letter", "pred_value", "correct", "entropy", "distribution"]
+    assert all(len(line.split("\t")) == 14 for line in text.splitlines())
+    back = report.read_predictions_tsv(path)
+    assert back[0]["country"] == 'Co"te d' and back[0]["correct"] == "true" and back[0]["held_out"] == "true"
+    assert back[0]["distribution"] == {"A": 0.25, "B": 0.75} and back[1]["correct"] == "false"
+    assert back[1]["country"] == "" and float(back[1]["entropy"]) == 0.0
+    report.atomic_write_json(tmp_path / "summary.json", {"x": float("nan"), "y": np.float32(0.5), "z": [1, 2]})
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"x": None, "y": 0.5, "z": [1, 2]}
+    assert sorted(os.listdir(tmp_path)) == ["predictions.tsv", "summary.json"]  # no temp files left
+    summary = report.build_summary({"accuracy": 0.5}, counts={"pairs": 2}, config={"a": 1}, data_files=[path],
+                                   seed=3)
+    assert summary["run"]["data_sha256"] == {os.path.abspath(path): report.sha256_file(path)}
+    assert summary["run"]["seed"] == 3 and summary["run"]["packages"]["numpy"]

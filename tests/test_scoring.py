@@ -104,6 +104,10 @@ def test_left_and_right_padding_agree():
         tok = tiny_tokenizer(side)
         out[side] = scoring.score_records(model, tok, recs, batch_size=4, progress=False)
     single = scoring.score_records(model, tiny_tokenizer("right"), recs, batch_size=1, progress=False)
+    chunked = scoring.score_records(model, tiny_tokenizer("left"), recs, batch_size=2, chunk_size=3, progress=False)
+    assert [c["id"] for c in chunked] == [r["id"] for r in recs]
+    for a, b in zip(out["left"], chunked):
+        np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-5)
     for a, b, c, rec in zip(out["left"], out["right"], single, recs):
         assert len(a["probs"]) == len(rec["letters"])
         assert sum(a["probs"]) == pytest.approx(1.0)
@@ -164,7 +168,7 @@ def test_cuma_receives_matching_profile_rows():
     assert sorted(seen) == sorted(r["profile_index"] for r in recs)
     # batched scores equal one-at-a-time scores with each record's own profile row
     single = scoring.score_records(model, tiny_tokenizer("right"), recs, batch_size=1, profile_table=table,
-                                   progress=False)
+                                   progress=False, chunk_size=4)
     for a, b in zip(batched, single):
         np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-5)
     # the profile matters: other rows give other distributions

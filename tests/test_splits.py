@@ -110,6 +110,18 @@ def test_holdout_countries_never_reach_training(synth):
         heldout_profiles(synth, HoldoutSpec(countries=("Atlantis",)), 0)
 
 
+def test_holdout_test_keeps_seen_profiles_marked(synth):
+    spec = HoldoutSpec(countries=("Ardenia",), test_keeps_seen=True)
+    sel = select_pairs(synth, train_pairs=ALL, test_pairs=ALL, seed=0, holdout=spec)
+    records, _ = build_records(synth, sel)
+    train_texts = {r["profile_text"] for s in ("train", "valid") for r in records[s]}
+    assert not train_texts & sel.held_out
+    test = records["test"]
+    assert {r["held_out"] for r in test} == {True, False}
+    assert all(r["held_out"] == (r["profile"]["country"] == "Ardenia") for r in test)
+    assert not any(r["profile"]["country"] == "Ardenia" for r in records["train"])
+
+
 def test_holdout_fraction_is_seeded_and_never_reaches_training(synth):
     all_texts = {p.to_text() for part in synth.splits.values() for p in part.profiles}
     spec = HoldoutSpec(fraction=0.2)
@@ -138,7 +150,9 @@ def test_prepared_zero_shot_directory_has_no_leak(tmp_path, tiny):
     held = {r["profile_text"] for r in prepared.test}
     assert held and all("Country: Belmora." in t for t in held)
     _assert_no_leak({"train": prepared.train, "valid": prepared.valid, "test": prepared.test}, held)
-    assert m["held_out"] == {"countries": ["Belmora"], "fraction": 0.0, "active": True, "num_profiles": 3}
+    assert m["held_out"] == {
+        "countries": ["Belmora"], "fraction": 0.0, "test_keeps_seen": False, "active": True, "num_profiles": 3
+    }
     assert m["dropped"]["participants"] == {
         "train": {"held_out_profile": 2}, "valid": {"held_out_profile": 0}, "test": {"profile_not_held_out": 2},
     }  # fmt: skip

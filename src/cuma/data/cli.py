@@ -64,6 +64,8 @@ def _add_prepare_options(p: argparse.ArgumentParser, required: bool) -> None:
                       help="hold these countries' profiles out of train/valid; test only on them (zero-shot)")
     hold.add_argument("--holdout-fraction", type=_fraction, default=None, metavar="F",
                       help="hold out a seeded fraction of the distinct profiles (zero-shot)")
+    p.add_argument("--holdout-test-keeps-seen", action="store_true",
+                   help="with a hold-out, keep the seen profiles' test pairs too (marked held_out: false)")
     enc = p.add_mutually_exclusive_group()
     enc.add_argument("--encoder", default="default", metavar="NAME_OR_PATH",
                      help="profile encoder for profile_embeds.safetensors (default: the embedded all-MiniLM-L6-v2)")
@@ -118,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             holdout_countries=args.holdout_countries,
             holdout_fraction=args.holdout_fraction,
+            holdout_test_keeps_seen=args.holdout_test_keeps_seen,
             encoder=encoder,
             encoder_device=args.encoder_device,
             question_ids=args.question_ids,
@@ -158,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 holdout_countries=args.holdout_countries,
                 holdout_fraction=args.holdout_fraction,
+            holdout_test_keeps_seen=args.holdout_test_keeps_seen,
                 encoder=encoder,
                 encoder_device=args.encoder_device,
                 question_ids=args.question_ids,

@@ -75,6 +75,9 @@ class HoldoutSpec:
 
     countries: tuple[str, ...] = ()
     fraction: float = 0.0
+    # the test split normally holds only the held-out profiles (the paper's zero-shot protocol); with this on it also
+    # keeps the seen profiles' test participants (held_out: false), so one prepared folder gives both accuracies
+    test_keeps_seen: bool = False
 
     def __post_init__(self) -> None:
         if self.countries and self.fraction:
@@ -89,7 +92,11 @@ class HoldoutSpec:
         return bool(self.countries) or self.fraction > 0
 
     def describe(self) -> dict[str, Any]:
-        return {"countries": list(self.countries), "fraction": float(self.fraction)}
+        return {
+            "countries": list(self.countries),
+            "fraction": float(self.fraction),
+            "test_keeps_seen": bool(self.test_keeps_seen),
+        }
 
 
 def _all_profile_texts(data: WVBData) -> dict[str, Any]:
@@ -189,7 +196,10 @@ def select_pairs(
             continue
         part = data.splits[split]
         is_held = np.array([p.to_text() in held for p in part.profiles], dtype=bool)
-        if holdout.active and split == "test":
+        if holdout.active and split == "test" and holdout.test_keeps_seen:
+            allowed = np.ones(part.num_participants, dtype=bool)
+            sel.participants_removed[split] = {}
+        elif holdout.active and split == "test":
             allowed = is_held
             sel.participants_removed[split] = {"profile_not_held_out": int((~is_held).sum())}
         elif holdout.active:
@@ -275,6 +285,7 @@ def prepare_wvb(
     seed: int = 0,
     holdout_countries: Optional[Sequence[str]] = None,
     holdout_fraction: Optional[float] = None,
+    holdout_test_keeps_seen: bool = False,
     encoder: Any = "default",
     encoder_device: Optional[str] = "auto",
     question_ids: Optional[Sequence[str]] = None,
@@ -292,7 +303,11 @@ def prepare_wvb(
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"--seed must be a non-negative integer, got {seed!r}")
     data = wvb if isinstance(wvb, WVBData) else load_wvb(wvb, question_ids=question_ids)
-    spec = HoldoutSpec(countries=tuple(holdout_countries or ()), fraction=float(holdout_fraction or 0.0))
+    spec = HoldoutSpec(
+        countries=tuple(holdout_countries or ()),
+        fraction=float(holdout_fraction or 0.0),
+        test_keeps_seen=holdout_test_keeps_seen,
+    )
     selection = select_pairs(
         data, train_pairs=train_pairs, test_pairs=test_pairs, valid_pairs=valid_pairs, seed=seed, holdout=spec
     )

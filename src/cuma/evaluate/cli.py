@@ -105,6 +105,9 @@ def validate_records(records: list[dict], need_profile_index: bool = False) -> t
         if rec["gold_letter"] not in letters:
             drop("gold_letter not among the letters")
             continue
+        if rec["option_values"][letters.index(rec["gold_letter"])] != rec["gold_value"]:
+            drop("gold_value is not the value of gold_letter")
+            continue
         if need_profile_index and rec.get("profile_index") is None:
             drop("no profile_index (the method routes on profile_embeds)")
             continue
@@ -132,7 +135,8 @@ def _files_sha(folder: Optional[str], names: tuple[str, ...]) -> dict[str, str]:
 
 
 def _build_method(args, base):
-    """(BuiltMethod, method name, fewshot settings) for the requested method."""
+    """(BuiltMethod, method name) for the requested method: built fresh for the prompting baselines, reloaded from
+    ``--adapter`` for trained methods."""
     from .. import methods
 
     name = args.method

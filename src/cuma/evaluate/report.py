@@ -3,7 +3,8 @@
 ``predictions.tsv`` has one row per scored pair: ``id``, ``question_id``, ``participant_id``, one column per
 profile field (``PROFILE_FIELDS`` order, only the fields that occur), ``held_out``, ``gold_letter``,
 ``gold_value``, ``pred_letter``, ``pred_value``, ``correct``, ``entropy`` (normalised entropy of the
-distribution) and ``distribution`` (JSON object ``{"A": p_A, "B": p_B, ...}``).
+distribution) and ``distribution`` (JSON object ``{"A": p_A, "B": p_B, ...}``). Plain TSV without quoting (a tab
+or line break inside a value is written as a space), so any TSV reader splits it on tabs.
 
 ``summary.json`` holds ``metrics`` (:func:`cuma.evaluate.choice.compute_metrics`), ``counts`` (pairs, questions,
 participants, profiles, dropped records with reasons) and ``run`` (resolved config, seed, package versions, sha256
@@ -15,7 +16,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.metadata
-import io
 import json
 import math
 import os
@@ -135,34 +135,40 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _clean(text: str) -> str:
+    # plain TSV without quoting: a tab or line break inside a value becomes a space
+    return text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+
+
 def predictions_tsv(rows: Sequence[Mapping[str, Any]], digits: int = 8) -> str:
     """The text of ``predictions.tsv`` for prediction dicts (:func:`cuma.evaluate.scoring.score_records`)."""
     fields = _profile_fields(rows)
     header = ["id", "question_id", "participant_id", *fields, "held_out", "gold_letter", "gold_value",
               "pred_letter", "pred_value", "correct", "entropy", "distribution"]
-    buf = io.StringIO()
-    writer = csv.writer(buf, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
-    writer.writerow(header)
+    lines = ["\t".join(header)]
     for r in rows:
         prof = r.get("profile") or {}
         dist = {letter: round(float(p), digits) for letter, p in zip(r["letters"], r["probs"])}
-        writer.writerow(
-            [
-                _cell(r.get("id")),
-                _cell(r.get("question_id")),
-                _cell(r.get("participant_id")),
-                *(_cell(prof.get(f)) for f in fields),
-                _cell(bool(r.get("held_out", False))),
-                _cell(r.get("gold_letter")),
-                _cell(r.get("gold_value")),
-                _cell(r.get("pred_letter")),
-                _cell(r.get("pred_value")),
-                _cell(r.get("pred_letter") == r.get("gold_letter")),
-                f"{normalized_entropy(r['probs']):.6f}",
-                json.dumps(dist, ensure_ascii=False),
-            ]
+        lines.append(
+            "\t".join(
+                _clean(c)
+                for c in [
+                    _cell(r.get("id")),
+                    _cell(r.get("question_id")),
+                    _cell(r.get("participant_id")),
+                    *(_cell(prof.get(f)) for f in fields),
+                    _cell(bool(r.get("held_out", False))),
+                    _cell(r.get("gold_letter")),
+                    _cell(r.get("gold_value")),
+                    _cell(r.get("pred_letter")),
+                    _cell(r.get("pred_value")),
+                    _cell(r.get("pred_letter") == r.get("gold_letter")),
+                    f"{normalized_entropy(r['probs']):.6f}",
+                    json.dumps(dist, ensure_ascii=False),
+                ]
+            )
         )
-    return buf.getvalue()
+    return "\n".join(lines) + "\n"
 
 
 def write_predictions_tsv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> str:
@@ -173,7 +179,7 @@ def write_predictions_tsv(path: str | os.PathLike, rows: Sequence[Mapping[str, A
 def read_predictions_tsv(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read ``predictions.tsv`` back: strings per column, ``distribution`` parsed to ``{letter: p}``."""
     with open(path, encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t"))
+        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
     for r in rows:
         r["distribution"] = json.loads(r["distribution"])
     return rows

@@ -24,6 +24,7 @@ import torch
 
 __all__ = [
     "answer_positions",
+    "PromptBuilder",
     "build_prompts",
     "letter_ids_for",
     "letter_token_ids",
@@ -53,6 +54,58 @@ def letter_token_ids(tokenizer, letters: Sequence[str]) -> list[int]:
     return list(ids(tokenizer, letters))
 
 
+class PromptBuilder:
+    """Renders the prompt of a record; with ``fewshot_k > 0`` the record gets
+    ``select_fewshot(fewshot_pool, record, k, seed, key)`` shots (same-group training records when there are enough)
+    as prior turns. Built once per run: the pool is grouped by ``key`` here, and each target hands
+    ``select_fewshot`` only its own group when that group has more than ``k`` records -- the same filtered list and
+    the same seeded draw, so the same shots, in O(group) instead of O(pool) time."""
+
+    def __init__(
+        self,
+        tokenizer,
+        profile_in_prompt: bool = True,
+        fewshot_pool: Optional[Sequence[Mapping[str, Any]]] = None,
+        fewshot_k: int = 0,
+        fewshot_seed: int = 0,
+        fewshot_key: str = "country",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.profile_in_prompt = profile_in_prompt
+        self.pool = fewshot_pool
+        self.k = int(fewshot_k)
+        self.seed = fewshot_seed
+        self.key = fewshot_key
+        self.groups: dict = {}
+        if self.k < 0:
+            raise ValueError(f"fewshot_k must be >= 0, got {fewshot_k}")
+        if self.k > 0:
+            if not fewshot_pool:
+                raise ValueError("few-shot prompting needs training records to draw shots from (fewshot_pool is empty)")
+            from ..methods import _field
+
+            self._field = _field
+            for r in fewshot_pool:
+                try:
+                    self.groups.setdefault(_field(r, fewshot_key), []).append(r)
+                except TypeError:  # an unhashable group value: no shortcut
+                    self.groups = {}
+                    break
+
+    def shots(self, record: Mapping[str, Any]) -> Optional[list]:
+        if self.k == 0:
+            return None
+        from ..methods import select_fewshot
+
+        value = self._field(record, self.key)
+        sub = self.groups.get(value) if self.groups and value is not None else None
+        pool = sub if sub is not None and len(sub) > self.k else self.pool
+        return select_fewshot(pool, record, self.k, seed=self.seed, key=self.key)
+
+    def __call__(self, record: Mapping[str, Any]) -> str:
+        return render_prompt(record, self.tokenizer, profile_in_prompt=self.profile_in_prompt, fewshot=self.shots(record))
+
+
 def build_prompts(
     records: Sequence[Mapping[str, Any]],
     tokenizer,
@@ -62,35 +115,9 @@ def build_prompts(
     fewshot_seed: int = 0,
     fewshot_key: str = "country",
 ) -> list[str]:
-    """One prompt string per record; with ``fewshot_k > 0`` each gets ``select_fewshot(fewshot_pool, record, k)``
-    shots (same-country training records when there are enough) rendered as prior turns."""
-    select = None
-    groups: dict = {}
-    if fewshot_k > 0:
-        if not fewshot_pool:
-            raise ValueError("few-shot prompting needs training records to draw shots from (fewshot_pool is empty)")
-        from ..methods import _field
-        from ..methods import select_fewshot as select
-
-        # select_fewshot scans its whole pool per target; handing it only the target's group when that group has
-        # more than k records gives the same shots (same filtered list, same seeded draw) in O(group) time
-        for r in fewshot_pool:
-            value = _field(r, fewshot_key)
-            try:
-                groups.setdefault(value, []).append(r)
-            except TypeError:  # unhashable group value: no shortcut
-                groups = {}
-                break
-    out = []
-    for rec in records:
-        shots = None
-        if select is not None:
-            value = _field(rec, fewshot_key)
-            sub = groups.get(value) if groups and value is not None else None
-            pool = sub if sub is not None and len(sub) > fewshot_k else fewshot_pool
-            shots = select(pool, rec, fewshot_k, seed=fewshot_seed, key=fewshot_key)
-        out.append(render_prompt(rec, tokenizer, profile_in_prompt=profile_in_prompt, fewshot=shots))
-    return out
+    """One prompt string per record (see :class:`PromptBuilder`)."""
+    build = PromptBuilder(tokenizer, profile_in_prompt, fewshot_pool, fewshot_k, fewshot_seed, fewshot_key)
+    return [build(rec) for rec in records]
 
 
 def letter_ids_for(tokenizer, records: Sequence[Mapping[str, Any]]) -> list[list[int]]:
@@ -255,18 +282,22 @@ def score_records(
     fewshot_key: str = "country",
     progress: bool = True,
     desc: str = "scoring",
+    chunk_size: int = 8192,
 ) -> list[dict[str, Any]]:
     """Score WVB-format records (docs/data-schema.md) and return one prediction dict per record, in input order.
 
     ``profile_table``: the prepared data's ``(num_profiles, dim)`` profile embeddings, for methods that route on
-    the profile; each record gets row ``record["profile_index"]``. None for every other method.
+    the profile; each record gets row ``record["profile_index"]``. None for every other method. Records are
+    scored ``chunk_size`` at a time (prompts rendered, tokenized and batched longest-first within a chunk).
 
     Each returned dict holds the record's ``id``, ``participant_id``, ``question_id``, ``profile``, ``held_out``,
     ``letters``, ``option_values``, ``scale_min``, ``scale_max``, ``ordinal``, ``gold_letter``, ``gold_value``,
     ``gold_index``, plus ``probs`` (the option distribution, a list of floats in letter order), ``pred_index``,
     ``pred_letter`` and ``pred_value`` -- exactly what :func:`cuma.evaluate.choice.compute_metrics` reads.
     """
-    profile_rows = None
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    index = None
     if profile_table is not None:
         idx = []
         for rec in records:
@@ -277,22 +308,28 @@ def score_records(
                     f"({profile_table.shape[0]} rows)"
                 )
             idx.append(int(pi))
-        profile_rows = profile_table[torch.as_tensor(idx, dtype=torch.long)] if idx else profile_table[:0]
-    prompts = build_prompts(
-        records,
-        tokenizer,
-        profile_in_prompt=profile_in_prompt,
-        fewshot_pool=fewshot_pool,
-        fewshot_k=fewshot_k,
-        fewshot_seed=fewshot_seed,
-        fewshot_key=fewshot_key,
-    )
+        index = torch.as_tensor(idx, dtype=torch.long)
+    build = PromptBuilder(tokenizer, profile_in_prompt, fewshot_pool, fewshot_k, fewshot_seed, fewshot_key)
     letter_ids = letter_ids_for(tokenizer, records)
-    dists = score_prompts(
-        model, tokenizer, prompts, letter_ids, batch_size=batch_size, profile_rows=profile_rows, progress=progress,
-        desc=desc,
-    )
-    return [prediction(rec, p) for rec, p in zip(records, dists)]
+    from tqdm.auto import tqdm
+
+    out: list[dict[str, Any]] = []
+    bar = tqdm(total=len(records), desc=desc, unit="pair", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    try:
+        # prompts are rendered and tokenized one chunk at a time, so memory stays bounded on millions of pairs
+        for start in range(0, len(records), chunk_size):
+            part = records[start : start + chunk_size]
+            rows = None
+            if index is not None:
+                rows = profile_table[index[start : start + chunk_size]]
+            dists = score_prompts(
+                model, tokenizer, [build(rec) for rec in part], letter_ids[start : start + chunk_size],
+                batch_size=batch_size, profile_rows=rows, progress=False, on_batch=bar.update,
+            )
+            out.extend(prediction(rec, p) for rec, p in zip(part, dists))
+    finally:
+        bar.close()
+    return out
 
 
 def prediction(record: Mapping[str, Any], probs: Sequence[float]) -> dict[str, Any]:
