@@ -8,6 +8,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot (oversubscribed
+    spinning made these tests 20x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_llama(seed: int = 0, **overrides):
     """A 2-layer Llama built in code (no hub access)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -6,7 +6,6 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from cuma import accounting
 
@@ -14,15 +13,6 @@ from cuma import accounting
 L, H, FFN, HEADS, KV, HEAD_DIM, VOCAB = 36, 4096, 12288, 32, 8, 128, 151936
 Q_OUT, KV_OUT = HEADS * HEAD_DIM, KV * HEAD_DIM  # 4096, 1024
 QWEN3_8B_PARAMS = 8_190_735_360
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and keeps the tests quick on a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def qwen3_8b_config():

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
-from test_scoring import PROFILES, QUESTIONS, make_record, tiny_tokenizer
+from conftest import tiny_chat_tokenizer, tiny_llama
+from test_scoring import PROFILES, QUESTIONS, make_record
 
 from cuma import methods
 from cuma.evaluate import cli as eval_cli
@@ -17,14 +17,6 @@ from cuma.evaluate import scoring
 from cuma.evaluate.report import read_predictions_tsv
 
 DIM = 8
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _write_jsonl(path, rows):
@@ -39,7 +31,7 @@ def workspace(tmp_path_factory):
     # base model + tokenizer
     model_dir = root / "model"
     tiny_llama().save_pretrained(model_dir)
-    tiny_tokenizer("left").save_pretrained(model_dir)
+    tiny_chat_tokenizer("left").save_pretrained(model_dir)
 
     # prepared data: 3 profiles (Chile held out), 2 participants each in test, 1 each in train
     data = root / "data"

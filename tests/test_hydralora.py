@@ -13,14 +13,6 @@ import cuma
 from cuma import HydraLoRAConfig, HydraLoRAModel
 from cuma.tuners.hydralora import HydraLoRALayer
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they only add spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # Qwen3-8B, the model of the CuMA paper's table
 QWEN3_8B_PARAMS = 8_190_735_360

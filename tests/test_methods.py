@@ -28,14 +28,6 @@ ALL_METHODS = {
 }
 PROMPTING = ("vanilla", "persona", "fewshot")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and keeps the tests quick on a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 PDIM = 16
 
 # small options so a tiny model trains visibly in a few steps

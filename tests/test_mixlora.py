@@ -19,15 +19,6 @@ from cuma.tuners.mixlora import MixLoRABalance, MixLoRAFFN, MixLoRALayer
 from cuma.tuners.mixlora import Linear as MixLoRALinear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they only add spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def mix(model=None, **kw):
     kw.setdefault("lora_dropout", 0.0)
     return get_peft_model(model if model is not None else tiny_llama(), MixLoRAConfig(**kw))

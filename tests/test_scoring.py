@@ -1,49 +1,13 @@
 """Scoring option letters with one forward per batch: padding sides, profile rows, progress bar."""
 
-import string
-
 import numpy as np
 import peft
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_chat_tokenizer, tiny_llama
 
 import cuma
 from cuma.evaluate import scoring
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot (oversubscribed
-    spinning made these tests 20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def tiny_tokenizer(padding_side: str = "right"):
-    """Character-level tokenizer (102 tokens: fits tiny_llama's vocab of 128) with a ChatML template, built in code."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    chars = [c for c in string.printable if c not in "\x0b\x0c\r\t"]
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.add_special_tokens(specials)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.padding_side = padding_side
-    return tokenizer
 
 
 def make_record(pid: str, qid: str, n_options: int, gold: int, profile: dict, profile_index: int, question: str):
@@ -101,10 +65,10 @@ def test_left_and_right_padding_agree():
     recs = sample_records()
     out = {}
     for side in ("left", "right"):
-        tok = tiny_tokenizer(side)
+        tok = tiny_chat_tokenizer(side)
         out[side] = scoring.score_records(model, tok, recs, batch_size=4, progress=False)
-    single = scoring.score_records(model, tiny_tokenizer("right"), recs, batch_size=1, progress=False)
-    chunked = scoring.score_records(model, tiny_tokenizer("left"), recs, batch_size=2, chunk_size=3, progress=False)
+    single = scoring.score_records(model, tiny_chat_tokenizer("right"), recs, batch_size=1, progress=False)
+    chunked = scoring.score_records(model, tiny_chat_tokenizer("left"), recs, batch_size=2, chunk_size=3, progress=False)
     assert [c["id"] for c in chunked] == [r["id"] for r in recs]
     for a, b in zip(out["left"], chunked):
         np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-5)
@@ -120,7 +84,7 @@ def test_left_and_right_padding_agree():
 
 def test_distribution_is_softmax_over_letter_logits():
     model = tiny_llama()
-    tok = tiny_tokenizer("right")
+    tok = tiny_chat_tokenizer("right")
     rec = sample_records()[0]
     prompt = scoring.render_prompt(rec, tok, profile_in_prompt=True)
     ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -141,7 +105,7 @@ def test_cuma_receives_matching_profile_rows():
     )
     model = peft.get_peft_model(base, cfg).eval()
     table = torch.randn(len(PROFILES), dim, generator=torch.Generator().manual_seed(3))
-    tok = tiny_tokenizer("left")
+    tok = tiny_chat_tokenizer("left")
     recs = sample_records()
     prompts = scoring.build_prompts(recs, tok, profile_in_prompt=True)
     assert len(set(prompts)) == len(prompts)
@@ -167,7 +131,7 @@ def test_cuma_receives_matching_profile_rows():
         handle.remove()
     assert sorted(seen) == sorted(r["profile_index"] for r in recs)
     # batched scores equal one-at-a-time scores with each record's own profile row
-    single = scoring.score_records(model, tiny_tokenizer("right"), recs, batch_size=1, profile_table=table,
+    single = scoring.score_records(model, tiny_chat_tokenizer("right"), recs, batch_size=1, profile_table=table,
                                    progress=False, chunk_size=4)
     for a, b in zip(batched, single):
         np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-5)
@@ -185,14 +149,14 @@ def test_prefix_tuning_left_right():
     built = methods.build("prefix", tiny_llama(), num_virtual_tokens=4)
     model = built.model.eval()
     recs = sample_records()[:4]
-    left = scoring.score_records(model, tiny_tokenizer("left"), recs, batch_size=4, progress=False)
-    right = scoring.score_records(model, tiny_tokenizer("right"), recs, batch_size=4, progress=False)
+    left = scoring.score_records(model, tiny_chat_tokenizer("left"), recs, batch_size=4, progress=False)
+    right = scoring.score_records(model, tiny_chat_tokenizer("right"), recs, batch_size=4, progress=False)
     for a, b in zip(left, right):
         np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-5)
 
 
 def test_fewshot_prompts_use_training_records():
-    tok = tiny_tokenizer()
+    tok = tiny_chat_tokenizer()
     recs = sample_records()
     pool = [dict(r, split="train", participant_id="t" + r["participant_id"], id="t" + r["id"]) for r in recs]
     prompts = scoring.build_prompts(recs[:1], tok, profile_in_prompt=False, fewshot_pool=pool, fewshot_k=2)
@@ -218,7 +182,7 @@ def test_fewshot_prompts_use_training_records():
 
 def test_progress_bar_on_stderr_and_disabled(capsys):
     model = tiny_llama()
-    tok = tiny_tokenizer()
+    tok = tiny_chat_tokenizer()
     recs = sample_records()[:3]
     scoring.score_records(model, tok, recs, batch_size=2, progress=False)
     captured = capsys.readouterr()
@@ -230,7 +194,7 @@ def test_progress_bar_on_stderr_and_disabled(capsys):
 
 def test_tokenizer_without_pad_token_uses_eos():
     model = tiny_llama()
-    tok = tiny_tokenizer()
+    tok = tiny_chat_tokenizer()
     tok.pad_token = None
     out = scoring.score_records(model, tok, sample_records()[:3], batch_size=3, progress=False)
     assert tok.pad_token == tok.eos_token

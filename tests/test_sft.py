@@ -28,14 +28,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def config(model_dir, data_dir, out, method, steps=2, **train):
     argv = [
         "--model.name_or_path", str(model_dir), "--data.path", str(data_dir), "--data.max_length", "512",

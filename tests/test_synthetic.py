@@ -247,4 +247,4 @@ def test_cli_synth_with_prepare(tmp_path, capsys):
     zs = load_prepared(tmp_path / "zs")
     held = {r["profile_text"] for r in zs.test}
     assert held and not held & {r["profile_text"] for r in zs.train}
-    assert zs.manifest["options"]["holdout"] == {"countries": [], "fraction": 0.25}
+    assert zs.manifest["options"]["holdout"] == {"countries": [], "fraction": 0.25, "test_keeps_seen": False}

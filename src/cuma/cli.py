@@ -12,9 +12,11 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("cuma.demo", "run the main job on the embedded offline defaults"),
     "params": ("cuma.accounting", "count trainable parameters of a method on a base model (meta device)"),
+    "plan": ("cuma.planner", "memory and cost plan of a run per GPU, for each ZeRO stage"),
     "data": ("cuma.data.cli", "prepare data sets (wvb, synth)"),
     "eval": ("cuma.evaluate.cli", "evaluate a model or adapter (wvb)"),
     "train": ("cuma.train.cli", "train a method (sft) from a YAML config with --key value overrides"),
+    "analyze": ("cuma.analyze", "routing topology and mean-collapse analyses"),
 }
 
 # commands that take free-form `--section.key value` overrides after their own options

@@ -18,8 +18,6 @@ the embedded defaults (base model and profile encoder).
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -32,6 +30,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+
+from .runinfo import package_version, public_mode, sha256_file
 
 __all__ = [
     "DEFAULT_BASE",
@@ -137,13 +137,6 @@ def _gguf_path(spec: EmbeddedModel) -> Path:
     return path
 
 
-def _dist_version(dist: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _source_record(spec: EmbeddedModel, gguf: Path) -> dict[str, Any]:
     stat = gguf.stat()
     return {
@@ -151,7 +144,7 @@ def _source_record(spec: EmbeddedModel, gguf: Path) -> dict[str, Any]:
         "name": spec.name,
         "hf_id": spec.hf_id,
         "package": spec.dist,
-        "package_version": _dist_version(spec.dist),
+        "package_version": package_version(spec.dist),
         "gguf_file": spec.gguf_file,
         "gguf_size": stat.st_size,
     }
@@ -259,12 +252,10 @@ def _write_cache_atomically(model, tokenizer, target: Path, manifest: dict[str, 
         tokenizer.save_pretrained(tmp)
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         # mkdtemp (and some writers) create private modes; give the cache the usual umask-based modes
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        public_mode(tmp, is_dir=True)
         for item in tmp.iterdir():
             if item.is_file():
-                os.chmod(item, 0o666 & ~umask)
+                public_mode(item)
         stale = None
         if target.exists():
             # os.replace cannot overwrite a non-empty folder: move the stale one aside first
@@ -302,7 +293,7 @@ def ensure_embedded_cache(name: str = DEFAULT_BASE, cache_dir: Optional[PathLike
     logger.info("converting %s to safetensors in %s (one time, ~30 s)", gguf, target)
     start = time.perf_counter()
     model, tokenizer = _convert_gguf(gguf)
-    manifest = dict(record, converted_with={"transformers": _dist_version("transformers"), "torch": torch.__version__})
+    manifest = dict(record, converted_with={"transformers": package_version("transformers"), "torch": torch.__version__})
     try:
         _write_cache_atomically(model, tokenizer, target, manifest)
     except OSError as err:
@@ -452,7 +443,7 @@ def describe(name_or_path: PathLike = DEFAULT_BASE, cache_dir: Optional[PathLike
             cached=_cache_is_valid(target, record),
         )
         if sha256:
-            info["gguf_sha256"] = _sha256(gguf)
+            info["gguf_sha256"] = sha256_file(gguf)
         return info
     name = os.fspath(name_or_path)
     if name.lower().endswith(".gguf"):
@@ -469,14 +460,6 @@ def describe(name_or_path: PathLike = DEFAULT_BASE, cache_dir: Optional[PathLike
                 pass
         return info
     return {"name": name, "kind": "hub", "source": name, "offline": _hub_offline()}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_default_paths(cache_dir: Optional[PathLike] = None) -> dict[str, Any]:

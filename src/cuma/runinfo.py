@@ -1,51 +1,185 @@
-"""Run records: atomic writes, package versions and file hashes stored next to every output."""
+"""Run records: atomic writes, JSON text, package versions and file hashes stored next to every output.
+
+Every writer here is atomic: a file is written to a temporary sibling, fsynced, given the permissions a plain
+``open`` would give it and moved into place with ``os.replace`` (:func:`atomic_open`); a directory is built in a
+temporary sibling and renamed into place only when complete (:func:`atomic_directory`). Readers see the old output
+or the complete new one, never half of it, and a failed write leaves no temporary file behind.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Union
+from typing import IO, Any, Optional, Union
+
+__all__ = [
+    "PACKAGES",
+    "atomic_directory",
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "dumps",
+    "environment_record",
+    "package_version",
+    "package_versions",
+    "public_mode",
+    "sha256_file",
+]
+
+PathLike = Union[str, os.PathLike]
 
 PACKAGES = ("cuma", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "numpy")
 
 
-def atomic_write_text(path: Union[str, Path], text: str) -> None:
-    """Write a file so that readers see either the old or the complete new content, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# ---------------------------------------------------------------------------------------------------------- files
 
 
-def package_versions(names=PACKAGES) -> dict[str, str]:
-    out = {}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def environment_record() -> dict:
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": package_versions()}
-
-
-def sha256_file(path: Union[str, Path], chunk: int = 1 << 20) -> str:
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def public_mode(path: PathLike, is_dir: bool = False) -> None:
+    """Give a file made by ``mkstemp`` / ``mkdtemp`` (0600 / 0700) the permissions a plain ``open`` would."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
+@contextlib.contextmanager
+def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file next to ``path`` for writing (``"wb"``, or ``"w"``: UTF-8, ``\\n`` kept as is); when the
+    block succeeds it is fsynced, given public modes and ``os.replace``-d into place; on failure it is removed."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes a new file: mode 'w' or 'wb', not {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        text = {} if mode == "wb" else {"encoding": "utf-8", "newline": ""}
+        with os.fdopen(fd, mode, **text) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        public_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_open`); returns the path as given, as a string."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return os.fspath(path)
+
+
+def atomic_write_text(path: PathLike, text: str) -> str:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path as given, as a string."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(value: Any) -> Any:
+    # numpy / torch scalars and arrays, without importing either here
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON: {value!r}")
+
+
+def dumps(value: Any, indent: Optional[int] = None) -> str:
+    """JSON text as written everywhere here: UTF-8 kept, NaN refused, numpy values converted."""
+    return json.dumps(value, ensure_ascii=False, indent=indent, default=_json_default, allow_nan=False)
+
+
+def atomic_write_json(path: PathLike, value: Any, indent: int = 2) -> str:
+    """:func:`atomic_write_text` of ``value`` as :func:`dumps` JSON plus a final newline; returns the path."""
+    return atomic_write_text(path, dumps(value, indent=indent) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory in a temporary sibling and rename it to ``target`` when the block succeeds.
+
+    An existing non-empty ``target`` is an error unless ``overwrite``; then it is moved aside, the new directory is
+    renamed into place, and the old one is deleted. On failure the temporary directory is removed and ``target`` is
+    left untouched.
+    """
+    target = Path(target).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"output path {str(target)!r} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ValueError(f"output directory {str(target)!r} exists and is not empty; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    public_mode(tmp, is_dir=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old: Optional[Path] = None
+    if target.exists():
+        if any(target.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.rmdir(old)
+            os.replace(target, old)
+        else:
+            os.rmdir(target)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- versions
+
+
+def package_version(name: str) -> Optional[str]:
+    """The installed version of the distribution ``name``; ``None`` when it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def package_versions(names: Iterable[str] = PACKAGES, *, python: bool = False) -> dict[str, Optional[str]]:
+    """``{name: version}`` for the distributions ``names`` (``None`` when not installed); with ``python=True`` the
+    Python version comes first under ``"python"``."""
+    out: dict[str, Optional[str]] = {"python": platform.python_version()} if python else {}
+    for name in names:
+        out[name] = package_version(name)
+    return out
+
+
+def environment_record() -> dict:
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": package_versions()}

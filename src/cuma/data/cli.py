@@ -5,6 +5,10 @@
                     [--question-ids Q1,Q2,...] [--overwrite]
     cuma data synth --out DIR --participants 5000 --questions 40 --modes 4 --seed 0 [--countries 10] [--overwrite]
                     [--prepare DIR --train-pairs N --test-pairs M ...]   (also write a prepared-data directory)
+    cuma data prism --survey FILE --conversations FILE --out DIR [--seed 0] [--valid-fraction 0.1]
+                    [--test-fraction 0.1] [--split-by conversation|user] [--supervise all|last] [--max-turns N]
+                    [--encoder NAME_OR_PATH | --no-embeddings] [--overwrite]
+    cuma data ca    --input FILE_OR_DIR --out DIR [same options]      (Community Alignment; also 4-way choice items)
 """
 
 from __future__ import annotations
@@ -103,30 +107,102 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also write a prepared-data directory from the generated files (as `cuma data wvb` would)")
     _add_prepare_options(s, required=False)
 
+    pr = sub.add_parser("prism", help="prepare PRISM (survey + conversations) as SFT / preference-pair records",
+                        description="Follow each PRISM conversation along its chosen replies and write SFT "
+                        "conversations, per-turn preference pairs, profiles and a manifest (docs/preference.md).")
+    pr.add_argument("--survey", required=True, metavar="FILE", help="survey: JSONL, parquet, CSV or a saved HF dataset")
+    pr.add_argument("--conversations", required=True, metavar="FILE",
+                    help="conversations: JSONL, parquet, CSV or a saved HF dataset")
+    _add_preference_options(pr)
+
+    ca = sub.add_parser("ca", help="prepare Community Alignment as SFT / pair / 4-way choice records",
+                        description="Read Community Alignment rows (one per annotator x conversation) and write SFT "
+                        "conversations, per-turn preference pairs, first-turn 4-way choice items, profiles and a "
+                        "manifest (docs/preference.md; column names in cuma.data.community_alignment.CA_COLUMNS).")
+    ca.add_argument("--input", required=True, metavar="FILE_OR_DIR", help="CSV, parquet, JSONL or a saved HF dataset")
+    _add_preference_options(ca)
+
+
+def _add_preference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="DIR", help="prepared preference folder to write")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--valid-fraction", type=_fraction_or_zero, default=0.1, metavar="F",
+                   help="share of split units (conversations or users) for valid (default 0.1)")
+    p.add_argument("--test-fraction", type=_fraction_or_zero, default=0.1, metavar="F",
+                   help="share of split units for test (default 0.1)")
+    p.add_argument("--split-by", choices=("conversation", "user"), default="conversation",
+                   help="split unit; no conversation ever appears in two splits (default conversation)")
+    p.add_argument("--supervise", choices=("all", "last"), default="all",
+                   help="which assistant turns of an SFT conversation carry the loss (default all)")
+    p.add_argument("--max-turns", type=int, default=None, metavar="N", help="keep at most N turns per conversation")
+    enc = p.add_mutually_exclusive_group()
+    enc.add_argument("--encoder", default="default", metavar="NAME_OR_PATH",
+                     help="profile encoder for profile_embeds.safetensors (default: the embedded all-MiniLM-L6-v2)")
+    enc.add_argument("--no-embeddings", action="store_true", help="do not write profile_embeds.safetensors")
+    p.add_argument("--encoder-device", default="auto", metavar="DEVICE")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+
+
+def _fraction_or_zero(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}") from None
+    if not 0.0 <= f < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}")
+    return f
+
+
+def _run_preference(args: argparse.Namespace, encoder: Optional[str], command: list[str]) -> int:
+    common = dict(seed=args.seed, valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
+                  split_by=args.split_by, supervise=args.supervise, max_turns=args.max_turns, encoder=encoder,
+                  encoder_device=args.encoder_device, overwrite=args.overwrite, command=command)
+    if args.data_command == "prism":
+        from .prism import prepare_prism
+
+        manifest = prepare_prism(args.survey, args.conversations, args.out, **common)
+    else:
+        from .community_alignment import prepare_community_alignment
+
+        manifest = prepare_community_alignment(args.input, args.out, **common)
+    c = manifest["counts"]
+    line = f"wrote {args.out}: conversations {c['sft']}, pairs {c['pairs']}"
+    if c.get("choice") is not None:
+        line += f", choice {c['choice']}"
+    print(line + f", {c['profiles']} profiles")
+    print(f"dropped: {json.dumps(manifest['dropped'])}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace, source: str, out: str, encoder: Optional[str], command: list[str]) -> dict:
+    """``prepare_wvb`` of the WVB-layout folder ``source`` into ``out`` with the prepare options of ``args``."""
+    from .splits import prepare_wvb
+
+    return prepare_wvb(
+        source,
+        out,
+        train_pairs=args.train_pairs,
+        test_pairs=args.test_pairs,
+        valid_pairs=args.valid_pairs,
+        seed=args.seed,
+        holdout_countries=args.holdout_countries,
+        holdout_fraction=args.holdout_fraction,
+        holdout_test_keeps_seen=args.holdout_test_keeps_seen,
+        encoder=encoder,
+        encoder_device=args.encoder_device,
+        question_ids=args.question_ids,
+        overwrite=args.overwrite,
+        command=command,
+    )
+
 
 def run(args: argparse.Namespace) -> int:
-    from .splits import prepare_wvb
     from .synthetic import SynthConfig, write_synthetic
 
     command = ["cuma", "data"] + (sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "data" else [])
     encoder: Optional[str] = None if args.no_embeddings else args.encoder
     if args.data_command == "wvb":
-        manifest = prepare_wvb(
-            args.wvb,
-            args.out,
-            train_pairs=args.train_pairs,
-            test_pairs=args.test_pairs,
-            valid_pairs=args.valid_pairs,
-            seed=args.seed,
-            holdout_countries=args.holdout_countries,
-            holdout_fraction=args.holdout_fraction,
-            holdout_test_keeps_seen=args.holdout_test_keeps_seen,
-            encoder=encoder,
-            encoder_device=args.encoder_device,
-            question_ids=args.question_ids,
-            overwrite=args.overwrite,
-            command=command,
-        )
+        manifest = _prepare(args, args.wvb, args.out, encoder, command)
         c = manifest["counts"]
         print(
             f"wrote {args.out}: records {c['records']}, {c['profiles']} profiles, "
@@ -135,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
         if manifest.get("oracle_test"):
             print(f"oracle on the written test records: {json.dumps(manifest['oracle_test'])}")
         return 0
+    if args.data_command in ("prism", "ca"):
+        return _run_preference(args, encoder, command)
     if args.data_command == "synth":
         config = SynthConfig(
             participants=args.participants,
@@ -152,22 +230,7 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"oracle (test split): {json.dumps(manifest['oracle']['test'])}")
         if args.prepare:
-            prep = prepare_wvb(
-                args.out,
-                args.prepare,
-                train_pairs=args.train_pairs,
-                test_pairs=args.test_pairs,
-                valid_pairs=args.valid_pairs,
-                seed=args.seed,
-                holdout_countries=args.holdout_countries,
-                holdout_fraction=args.holdout_fraction,
-            holdout_test_keeps_seen=args.holdout_test_keeps_seen,
-                encoder=encoder,
-                encoder_device=args.encoder_device,
-                question_ids=args.question_ids,
-                overwrite=args.overwrite,
-                command=command,
-            )
+            prep = _prepare(args, args.out, args.prepare, encoder, command)
             print(f"wrote {args.prepare}: records {prep['counts']['records']}, {prep['counts']['profiles']} profiles")
         return 0
-    raise ValueError(f"unknown data command {args.data_command!r}; expected 'wvb' or 'synth'")
+    raise ValueError(f"unknown data command {args.data_command!r}; expected 'wvb', 'synth', 'prism' or 'ca'")

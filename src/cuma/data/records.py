@@ -5,23 +5,30 @@ schema in ``docs/data-schema.md``). A *prepared-data directory* holds ``train.js
 ``test.jsonl``, ``profiles.jsonl``, optionally ``profile_embeds.safetensors`` and ``truth.json``, and
 ``manifest.json``; :func:`load_prepared` reads it back.
 
-Every writer here is atomic: a file is written to a temporary sibling and moved into place with ``os.replace``; a
-directory is built in a temporary sibling (:func:`atomic_directory`) and renamed into place only when complete, so a
-crash never leaves a half-written output that looks finished.
+Every writer here is atomic (the writers of :mod:`cuma.runinfo`): a file is written to a temporary sibling and moved
+into place with ``os.replace``; a directory is built in a temporary sibling (:func:`atomic_directory`) and renamed
+into place only when complete, so a crash never leaves a half-written output that looks finished.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
+
+# the file writers live in cuma.runinfo; re-exported here, where the data modules and tests import them from
+from ..runinfo import (  # noqa: F401
+    atomic_directory,
+    atomic_open,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    dumps,
+    sha256_file,
+)
 
 __all__ = [
     "LETTERS",
@@ -201,92 +208,14 @@ def validate_record(record: Any, where: Optional[str] = None) -> None:
 # ---------------------------------------------------------------------------------------------------------- files
 
 
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _public_mode(path: PathLike, is_dir: bool = False) -> None:
-    """Give a file made by ``mkstemp`` / ``mkdtemp`` (0600 / 0700) the permissions a plain ``open`` would."""
-    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, fsync it, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_default(value: Any) -> Any:
-    # numpy scalars and arrays, without importing numpy here
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON: {value!r}")
-
-
-def dumps(value: Any, indent: Optional[int] = None) -> str:
-    """JSON text as written everywhere here: UTF-8 kept, NaN refused, numpy values converted."""
-    return json.dumps(value, ensure_ascii=False, indent=indent, default=_json_default, allow_nan=False)
-
-
-def atomic_write_json(path: PathLike, value: Any, indent: int = 2) -> None:
-    atomic_write_text(path, dumps(value, indent=indent) + "\n")
-
-
 def write_jsonl(path: PathLike, records: Iterable[Mapping[str, Any]]) -> int:
     """Write one JSON object per line, atomically. Returns the number of lines."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(dumps(record))
-                f.write("\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        _public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as f:
+        for record in records:
+            f.write(dumps(record))
+            f.write("\n")
+            n += 1
     return n
 
 
@@ -310,46 +239,6 @@ def read_jsonl(path: PathLike, validate: bool = False) -> list[dict[str, Any]]:
                 validate_record(value, where=f"{path}:{lineno}")
             out.append(value)
     return out
-
-
-@contextlib.contextmanager
-def atomic_directory(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Build a directory in a temporary sibling and rename it to ``target`` when the block succeeds.
-
-    An existing non-empty ``target`` is an error unless ``overwrite``; then it is moved aside, the new directory is
-    renamed into place, and the old one is deleted. On failure the temporary directory is removed and ``target`` is
-    left untouched.
-    """
-    target = Path(target).expanduser()
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"output path {str(target)!r} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ValueError(f"output directory {str(target)!r} exists and is not empty; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    _public_mode(tmp, is_dir=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old: Optional[Path] = None
-    if target.exists():
-        if any(target.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.rmdir(old)
-            os.replace(target, old)
-        else:
-            os.rmdir(target)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------- reading

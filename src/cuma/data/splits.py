@@ -13,9 +13,7 @@ restricted to them; their records carry ``held_out: true``. Both removals are co
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
-import platform
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,15 +22,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .records import (
-    EMBEDS_FILE,
-    EMBEDS_KEY,
-    SPLITS,
-    atomic_directory,
-    atomic_write_json,
-    sha256_file,
-    write_jsonl,
-)
+from ..runinfo import atomic_directory, atomic_write_json, package_versions, sha256_file
+from .records import EMBEDS_FILE, EMBEDS_KEY, SPLITS, write_jsonl
 from .wvb import WVBData, load_wvb
 
 __all__ = [
@@ -52,6 +43,8 @@ ALL = -1  # pair count meaning "every available pair"
 _STREAM = {"holdout": 10, "train": 11, "valid": 12, "test": 13}
 PREPARED_FORMAT = "cuma-prepared-wvb"
 PREPARED_VERSION = 1
+# distributions whose versions a prepared-data manifest records (after Python's)
+_VERSIONED = ("cuma", "numpy", "pandas", "torch", "transformers", "safetensors")
 
 
 def parse_pair_count(value: Any, name: str = "pairs") -> int:
@@ -243,16 +236,6 @@ def build_records(data: WVBData, selection: PairSelection) -> tuple[dict[str, li
     return records, profiles
 
 
-def _versions() -> dict[str, Optional[str]]:
-    out: dict[str, Optional[str]] = {"python": platform.python_version()}
-    for dist in ("cuma", "numpy", "pandas", "torch", "transformers", "safetensors"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def _resolve_encoder(encoder: Any, device: Optional[str] = "auto"):
     if encoder is None:
         return None
@@ -406,7 +389,7 @@ def prepare_wvb(
             "embeddings": embeddings_info,
             "oracle_test": oracle_test,
             "outputs": {},
-            "versions": _versions(),
+            "versions": package_versions(_VERSIONED, python=True),
         }
         manifest["outputs"] = {
             p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != "manifest.json"

@@ -43,7 +43,6 @@ Oracle figures (:func:`oracle_metrics`, on the test split by default; the evalua
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -53,8 +52,9 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from ..evaluate.choice import wasserstein_1d  # the evaluator's W1, so the oracle's EMD is the reported one
 from ..profiles import WVB_FIELD_MAP, Profile
-from .records import atomic_directory, atomic_write_json, dumps, sha256_file
+from ..runinfo import atomic_directory, atomic_write_json, dumps, package_versions, sha256_file
 
 __all__ = [
     "COUNTRIES",
@@ -333,34 +333,6 @@ def _mode_distributions(
 
 
 # --------------------------------------------------------------------------------------------------------- metrics
-
-
-def wasserstein_1d(
-    u_values: Sequence[float],
-    v_values: Sequence[float],
-    u_weights: Optional[Sequence[float]] = None,
-    v_weights: Optional[Sequence[float]] = None,
-) -> float:
-    """1-D Wasserstein-1 distance between two (weighted) samples: the integral of ``|F_u(x) - F_v(x)|`` dx.
-
-    Equals ``scipy.stats.wasserstein_distance`` (numpy only here). Weights default to uniform.
-    """
-    u = np.asarray(u_values, dtype=float)
-    v = np.asarray(v_values, dtype=float)
-    if u.size == 0 or v.size == 0:
-        raise ValueError("wasserstein_1d needs two non-empty samples")
-    uw = np.ones_like(u) if u_weights is None else np.asarray(u_weights, dtype=float)
-    vw = np.ones_like(v) if v_weights is None else np.asarray(v_weights, dtype=float)
-    if uw.shape != u.shape or vw.shape != v.shape or uw.sum() <= 0 or vw.sum() <= 0 or (uw < 0).any() or (vw < 0).any():
-        raise ValueError("weights must be non-negative, not all zero, and match their values")
-    u_order, v_order = np.argsort(u, kind="stable"), np.argsort(v, kind="stable")
-    allv = np.sort(np.concatenate([u, v]), kind="stable")
-    deltas = np.diff(allv)
-    u_cum = np.concatenate([[0.0], np.cumsum(uw[u_order])]) / uw.sum()
-    v_cum = np.concatenate([[0.0], np.cumsum(vw[v_order])]) / vw.sum()
-    u_cdf = u_cum[np.searchsorted(u[u_order], allv[:-1], side="right")]
-    v_cdf = v_cum[np.searchsorted(v[v_order], allv[:-1], side="right")]
-    return float(np.sum(np.abs(u_cdf - v_cdf) * deltas))
 
 
 def _normalise(values: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -699,16 +671,6 @@ def _tsv(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _versions() -> dict[str, Optional[str]]:
-    out = {}
-    for dist in ("cuma", "numpy"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def write_synthetic(out: PathLike, config: SynthConfig = SynthConfig(), overwrite: bool = False) -> dict[str, Any]:
     """Generate and write a synthetic population in the WVB layout to ``out`` (atomically). Returns its manifest."""
     pop = generate(config)
@@ -748,7 +710,7 @@ def write_synthetic(out: PathLike, config: SynthConfig = SynthConfig(), overwrit
             },
             "oracle": pop.truth["oracle"],
             "files": {str(p.relative_to(tmp)): sha256_file(p) for p in files},
-            "versions": _versions(),
+            "versions": package_versions(("cuma", "numpy")),
         }
         atomic_write_json(tmp / "manifest.json", manifest)
     return manifest

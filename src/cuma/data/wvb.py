@@ -40,7 +40,8 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..profiles import WVB_FIELD_MAP, Profile, is_missing
-from .records import letters_for, make_record, sha256_file
+from ..runinfo import sha256_file
+from .records import letters_for, make_record
 
 __all__ = [
     "ANSWER_MISSING",

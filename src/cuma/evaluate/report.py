@@ -14,16 +14,14 @@ of the data files, model / adapter paths), see :func:`build_summary`.
 from __future__ import annotations
 
 import csv
-import hashlib
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import sys
-import tempfile
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from .. import runinfo
+from ..runinfo import atomic_write_text, sha256_file
 from .choice import normalized_entropy
 
 __all__ = [
@@ -55,45 +53,6 @@ PREDICTION_COLUMNS = (
 _PACKAGES = ("cuma", "torch", "transformers", "peft", "trl", "tokenizers", "safetensors", "numpy", "accelerate")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> str:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``: readers see the
-    old file or the complete new one, never a partial write."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
-def _json_default(obj: Any):
-    try:
-        import numpy as np
-
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
 def _finite(obj: Any) -> Any:
     """NaN / inf -> None (strict JSON has no NaN)."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -106,9 +65,8 @@ def _finite(obj: Any) -> Any:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> str:
-    """:func:`atomic_write_text` of ``obj`` as indented JSON (NaN written as null, numpy scalars as numbers)."""
-    text = json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False, ensure_ascii=False)
-    return atomic_write_text(path, text + "\n")
+    """:func:`cuma.runinfo.atomic_write_json` of ``obj`` (indented; NaN written as null, numpy scalars as numbers)."""
+    return runinfo.atomic_write_json(path, _finite(obj))
 
 
 # ----------------------------------------------------------------------------------------------- predictions
@@ -188,23 +146,9 @@ def read_predictions_tsv(path: str | os.PathLike) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------- summary
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def package_versions(packages: Iterable[str] = _PACKAGES) -> dict[str, Optional[str]]:
     """Installed versions of the packages that decide a result (None when not installed), plus Python's."""
-    out: dict[str, Optional[str]] = {"python": platform.python_version()}
-    for name in packages:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return runinfo.package_versions(packages, python=True)
 
 
 def build_summary(

@@ -16,6 +16,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     sft.add_argument("--config", help="YAML config (configs/wvb/*.yaml); defaults apply when omitted")
     sft.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    for name, text in (
+        ("dpo", "conditional DPO from a `cuma train sft` output (reference = the SFT policy)"),
+        ("grpo", "conditional GRPO from a `cuma train sft` output, rewarded by the profile-aware judge"),
+    ):
+        stage = sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}. Any config field can be "
+                               "overridden: --init.sft_path runs/sft, --train.learning_rate 5e-6.")
+        stage.add_argument("--config", help="YAML config (configs/prism/*.yaml, configs/ca/*.yaml)")
+        stage.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +42,24 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"trained {run['method']['method']} for {run['global_step']} steps in {run['train_seconds']:.1f} s "
             f"(train loss {run['train_loss']:.4f}); saved to {cfg.train.output_dir}"
+        )
+        return 0
+    if args.train_command in ("dpo", "grpo"):
+        from . import config as configs
+
+        cls = configs.DPORunConfig if args.train_command == "dpo" else configs.GRPORunConfig
+        cfg = load_config(cls, args.config, args.overrides)
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
+        if args.train_command == "dpo":
+            from .dpo import run_dpo as runner
+        else:
+            from .grpo import run_grpo as runner
+        run = runner(cfg)
+        print(
+            f"{args.train_command}: trained {run['method']['method']} for {run['global_step']} steps in "
+            f"{run['train_seconds']:.1f} s (train loss {run['train_loss']:.4f}); saved to {cfg.train.output_dir}"
         )
         return 0
     raise ValueError(f"unknown train stage {args.train_command!r}")

@@ -27,6 +27,7 @@ class DataSection:
     max_length: int = 512
     limit: Optional[int] = None  # use only the first N training records (smoke runs)
     encoder: Optional[str] = None  # encode profiles on the fly with this encoder instead of the precomputed table
+    format: str = "auto"  # wvb (choice records) | conversations (sft_*.jsonl of a preference folder) | auto: by keys
 
 
 @dataclass
@@ -65,3 +66,88 @@ class SFTRunConfig:
     method: MethodSection = field(default_factory=MethodSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# preference stages (`cuma train dpo|grpo`): start from a `cuma train sft` output; the reference is that SFT policy
+
+
+@dataclass
+class InitSection:
+    sft_path: Optional[str] = None  # a `cuma train sft` output; None: build method.name fresh (reference = base model)
+
+
+@dataclass
+class PreferenceDataSection:
+    path: str = "runs/data/prism"  # a prepared preference folder (`cuma data prism|ca`)
+    train_split: str = "train"
+    eval_split: Optional[str] = None
+    limit: Optional[int] = None  # use only the first N training records (smoke runs)
+    encoder: Optional[str] = None  # encode profiles on the fly with this encoder instead of the precomputed table
+
+
+@dataclass
+class PreferenceTrainSection(TrainSection):
+    output_dir: str = "runs/dpo"
+    learning_rate: float = 5e-6
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 4
+
+
+@dataclass
+class DPOSection:
+    beta: float = 0.1  # paper: 0.1
+    loss_type: str = "sigmoid"  # any of TRL's DPO loss types
+    max_length: Optional[int] = 1024  # prompt + completion tokens
+    truncation_mode: str = "keep_start"  # TRL 1.16 supports keep_start only for text
+    label_smoothing: float = 0.0
+    disable_dropout: bool = True
+
+
+@dataclass
+class DPORunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    method: MethodSection = field(default_factory=MethodSection)  # used when init.sft_path is None
+    init: InitSection = field(default_factory=InitSection)
+    data: PreferenceDataSection = field(default_factory=PreferenceDataSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    train: PreferenceTrainSection = field(default_factory=PreferenceTrainSection)
+
+
+@dataclass
+class GRPOSection:
+    beta: float = 0.04  # KL coefficient against the reference (the SFT policy); 0: no reference pass
+    num_generations: int = 4  # completions per prompt (the group)
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    loss_type: Optional[str] = None  # None: TRL's default
+    num_iterations: int = 1
+    steps_per_generation: Optional[int] = None
+    scale_rewards: Optional[str] = None  # None: TRL's default
+    disable_dropout: bool = True
+
+
+@dataclass
+class RewardSection:
+    judge: str = "transformers"  # http | transformers (cuma.evaluate.judges); ignored when model is set
+    judge_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the judge class
+    model: Optional[str] = None  # a reward-model path / hub id instead of the judge (TRL loads it)
+
+
+@dataclass
+class GRPOTrainSection(PreferenceTrainSection):
+    output_dir: str = "runs/grpo"
+    learning_rate: float = 1e-6
+
+
+@dataclass
+class GRPORunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    method: MethodSection = field(default_factory=MethodSection)  # used when init.sft_path is None
+    init: InitSection = field(default_factory=InitSection)
+    data: PreferenceDataSection = field(default_factory=PreferenceDataSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    train: GRPOTrainSection = field(default_factory=GRPOTrainSection)

@@ -20,6 +20,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .. import methods
 from ..config import dump_yaml, to_dict
+from ..distributed import prepare_for_zero3
 from ..routing import clear_balance_loss, pop_balance_loss, record_gates
 from ..runinfo import atomic_write_text, environment_record, sha256_file
 from .collator import ProfileCollator, tokenize_example
@@ -155,8 +156,13 @@ def run_sft(cfg: SFTRunConfig) -> dict[str, Any]:
     set_seed(cfg.train.seed)
     t0 = time.perf_counter()
 
-    # data -> tokenised examples
-    data = load_prepared(cfg.data.path)
+    # data -> tokenised examples (WVB choice records, or the conversation records of a preference folder)
+    from .preference import is_preference_folder, load_preference_data, record_format, tokenize_conversation
+
+    if cfg.data.format == "conversations" or (cfg.data.format == "auto" and is_preference_folder(cfg.data.path)):
+        data = load_preference_data(cfg.data.path, kind="sft")
+    else:
+        data = load_prepared(cfg.data.path)
     records = data.split(cfg.data.train_split)
     if cfg.data.limit is not None:
         records = records[: cfg.data.limit]
@@ -179,9 +185,13 @@ def run_sft(cfg: SFTRunConfig) -> dict[str, Any]:
     if spec.profile_routing and "profile_dim" in spec.options and "profile_dim" not in options:
         options["profile_dim"] = _profile_dim(data, cfg)
     built = methods.build(cfg.method.name, base, **options)
+    # ZeRO-3: adapter layers become leaf modules and take the base dtype (a no-op for every other launch)
+    prepare_for_zero3(built.model, cfg.train.deepspeed)
+
+    tokenize_one = tokenize_conversation if record_format(records, cfg.data.format) == "conversations" else tokenize_example
 
     def tokenize(rows):
-        return [tokenize_example(r, tokenizer, built.profile_in_prompt, cfg.data.max_length) for r in rows]
+        return [tokenize_one(r, tokenizer, built.profile_in_prompt, cfg.data.max_length) for r in rows]
 
     train_ds = Dataset.from_list(tokenize(records))
     eval_ds = Dataset.from_list(tokenize(eval_records)) if eval_records else None
@@ -235,8 +245,11 @@ def run_sft(cfg: SFTRunConfig) -> dict[str, Any]:
         "base_model": describe(cfg.model.name_or_path),
         "data": {
             "path": str(data.path),
-            "manifest_sha256": sha256_file(data.path / "manifest.json"),
-            "train_sha256": sha256_file(data.path / f"{cfg.data.train_split}.jsonl"),
+            "manifest_sha256": sha256_file(data.path / "manifest.json") if (data.path / "manifest.json").is_file() else None,
+            "train_sha256": sha256_file(
+                data.split_file(cfg.data.train_split) if hasattr(data, "split_file")
+                else data.path / f"{cfg.data.train_split}.jsonl"
+            ),
         },
         "environment": environment_record(),
     }

@@ -1,0 +1,207 @@
+"""Conditional DPO on TRL's DPOTrainer, starting from a `cuma train sft` output.
+
+Recipe (:func:`run_dpo`): pair records -> conversational prompt/chosen/rejected rows (system prompt with the profile
+when the method puts it in the prompt) -> the SFT output loaded twice, ``default`` (trainable policy) and ``ref``
+(frozen reference: the SFT policy, not the base model) -> :class:`ProfileDPOTrainer` -> adapter + run record.
+
+- ``profile_embeds``: :class:`PreferenceProfileCollator` adds one row per *pair* (B rows) to TRL's batch of 2B rows
+  (chosen then rejected); the CuMA tuner tiles rows when the batch is a whole multiple of them, for the policy and
+  the reference forward alike (TRL passes the same model kwargs to both).
+- Reference: TRL's DPOTrainer uses the adapter named ``ref`` when the PEFT model has one. Its own copy of
+  ``default`` matches parameters on ``.default.`` and misses CuMA's expert tensors, so the trainer replaces it by
+  the SFT adapter loaded from disk.
+- Balance loss: only the policy forward records it (the reference runs under ``no_grad``); added with the
+  Trainer's gradient-accumulation scaling (:class:`cuma.train.preference.BalanceLossMixin`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from .. import methods
+from ..config import dump_yaml
+from ..runinfo import atomic_write_text, environment_record, sha256_file
+from .config import DPORunConfig
+from .preference import (
+    REFERENCE_ADAPTER,
+    BalanceLossMixin,
+    add_reference_adapter,
+    load_policy_and_reference,
+    load_preference_data,
+    profile_lookup,
+    profile_source,
+    train_args_common,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pair_row(record: dict, profile_in_prompt: bool) -> dict:
+    """A pair record as TRL's conversational preference row, plus the profile columns the collator reads."""
+    from ..data.conversations import prompt_messages
+
+    return {
+        "id": str(record.get("id", "")),
+        "prompt": prompt_messages(record, profile_in_prompt=profile_in_prompt),
+        "chosen": [{"role": "assistant", "content": record["chosen"]}],
+        "rejected": [{"role": "assistant", "content": record["rejected"]}],
+        "profile_index": int(record.get("profile_index", -1)),
+        "profile_text": record.get("profile_text", ""),
+    }
+
+
+@dataclass
+class PreferenceProfileCollator:
+    """TRL's preference collator (2B rows: chosen, then rejected) plus ``profile_embeds`` with one row per pair (B
+    rows); the CuMA tuner tiles them over the concatenated batch."""
+
+    base: DataCollatorForPreference
+    profile_table: Optional[torch.Tensor] = None
+    encoder: Any = None
+    uses_profile: bool = True
+
+    def __call__(self, examples: Sequence[dict]) -> dict:
+        batch = self.base(list(examples))
+        if self.uses_profile:
+            batch["profile_embeds"] = profile_lookup(self.profile_table, self.encoder, examples)
+        return batch
+
+
+class ProfileDPOTrainer(BalanceLossMixin, DPOTrainer):
+    """DPOTrainer whose reference is the SFT adapter loaded as ``ref`` (``reference_path``) and whose loss includes
+    the routers' balance term of the policy forward."""
+
+    def __init__(self, *args, reference_path: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model)
+        if reference_path is not None and hasattr(model, "peft_config"):
+            add_reference_adapter(model, reference_path, REFERENCE_ADAPTER)
+        elif hasattr(model, "peft_config") and REFERENCE_ADAPTER in model.peft_config:
+            # a fresh adapter: the reference is the base model (adapter disabled), not TRL's copy
+            model.delete_adapter(REFERENCE_ADAPTER)
+            model.set_adapter("default")
+
+
+def _build_policy(cfg, data):
+    """(built, ref_model, reference_path) from init.sft_path, or a fresh method when it is None."""
+    from ..models import load_base_and_tokenizer
+
+    if cfg.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype: expected one of {sorted(DTYPES)}, got {cfg.model.dtype!r}")
+    base, tokenizer = load_base_and_tokenizer(cfg.model.name_or_path, dtype=DTYPES[cfg.model.dtype])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.init.sft_path:
+        built, ref_model = load_policy_and_reference(cfg.init.sft_path, base, reference=True)
+        is_peft = built.spec.save_format == "adapter"
+        return built, ref_model, (cfg.init.sft_path if is_peft else None), tokenizer
+    options = dict(cfg.method.options)
+    if cfg.method.profile_in_prompt is not None:
+        options["profile_in_prompt"] = cfg.method.profile_in_prompt
+    spec = methods.get_spec(cfg.method.name)
+    if not spec.trainable:
+        raise ValueError(f"method.name={cfg.method.name!r} is a prompting baseline: there is nothing to train")
+    if spec.profile_routing and "profile_dim" in spec.options and "profile_dim" not in options:
+        if cfg.data.encoder or data.profile_embeds is None:
+            from ..encoder import ProfileEncoder
+
+            enc = ProfileEncoder(cfg.data.encoder) if cfg.data.encoder else ProfileEncoder.default()
+            options["profile_dim"] = enc.dim
+        else:
+            options["profile_dim"] = int(data.profile_embeds.shape[1])
+    built = methods.build(cfg.method.name, base, **options)
+    ref_model = None
+    if spec.save_format == "full":
+        raise ValueError("fft without init.sft_path has no reference: train SFT first and set init.sft_path")
+    return built, ref_model, None, tokenizer
+
+
+def run_dpo(cfg: DPORunConfig) -> dict[str, Any]:
+    """Conditional DPO on the pair records of ``cfg.data.path``; saves the policy adapter in ``cfg.train.output_dir``."""
+    from datasets import Dataset
+    from transformers import set_seed
+
+    from ..models import describe
+
+    out = Path(cfg.train.output_dir)
+    set_seed(cfg.train.seed)
+    t0 = time.perf_counter()
+
+    data = load_preference_data(cfg.data.path, kind="pairs")
+    records = data.split(cfg.data.train_split)
+    if cfg.data.limit is not None:
+        records = records[: cfg.data.limit]
+    if not records:
+        raise ValueError(f"data.path={cfg.data.path}: split {cfg.data.train_split!r} has no pair records")
+    eval_records = data.split(cfg.data.eval_split) if cfg.data.eval_split else []
+
+    built, ref_model, reference_path, tokenizer = _build_policy(cfg, data)
+    train_ds = Dataset.from_list([pair_row(r, built.profile_in_prompt) for r in records])
+    eval_ds = Dataset.from_list([pair_row(r, built.profile_in_prompt) for r in eval_records]) if eval_records else None
+
+    table, encoder = profile_source(data.profile_embeds, cfg.data.encoder, built.uses_profile)
+    if built.uses_profile:
+        width = table.shape[1] if table is not None else encoder.dim
+        if width != built.profile_dim:
+            raise ValueError(f"the method's profile_dim={built.profile_dim} does not match the profile embeddings' width {width}")
+    d = cfg.dpo
+    args = train_args_common(
+        cfg.train, built, DPOConfig,
+        beta=d.beta, loss_type=[d.loss_type], max_length=d.max_length, truncation_mode=d.truncation_mode,
+        label_smoothing=d.label_smoothing, disable_dropout=d.disable_dropout,
+        eval_strategy="steps" if eval_ds is not None and cfg.train.eval_steps else "no",
+    )
+    collator = PreferenceProfileCollator(
+        base=DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=d.max_length,
+                                       truncation_mode=d.truncation_mode),
+        profile_table=table, encoder=encoder, uses_profile=built.uses_profile,
+    )
+    trainer = ProfileDPOTrainer(
+        model=built.model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        processing_class=tokenizer, data_collator=collator, reference_path=reference_path,
+    )
+    t_train = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=_resume(cfg.train.resume_from_checkpoint))
+    train_seconds = time.perf_counter() - t_train
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "peft_config") and REFERENCE_ADAPTER in model.peft_config:
+        model.delete_adapter(REFERENCE_ADAPTER)  # save only the policy, under the default name
+        model.set_adapter("default")
+    methods.save(built, out)
+    run = {
+        "command": "cuma train dpo",
+        "method": built.record(),
+        "init": {"sft_path": cfg.init.sft_path, "reference": "sft adapter" if cfg.init.sft_path else "base model"},
+        "train_loss": result.training_loss,
+        "global_step": trainer.state.global_step,
+        "train_seconds": round(train_seconds, 2),
+        "total_seconds": round(time.perf_counter() - t0, 2),
+        "train_records": len(records),
+        "log_history": [h for h in trainer.state.log_history if "loss" in h or "balance_loss" in h],
+        "base_model": describe(cfg.model.name_or_path),
+        "data": {
+            "path": str(data.path),
+            "manifest_sha256": sha256_file(data.path / "manifest.json") if (data.path / "manifest.json").is_file() else None,
+            "train_sha256": sha256_file(data.split_file(cfg.data.train_split)),
+        },
+        "environment": environment_record(),
+    }
+    if trainer.is_world_process_zero():
+        atomic_write_text(out / "resolved_config.yaml", dump_yaml(cfg))
+        atomic_write_text(out / "run.json", json.dumps(run, indent=2, default=str))
+    return run
+
+
+def _resume(value: Optional[str]):
+    if value is None:
+        return None
+    return True if value == "latest" else value
