@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Shared launcher of the train_*.sh scripts: `cuma train sft --config CONFIG`, under `accelerate launch` when GPUs are
-# present, else one CPU process. Environment: MODEL (base model id or path; default from the config, Qwen/Qwen3-8B),
+# Shared launcher of the train_*.sh scripts: `cuma train STAGE --config CONFIG` (STAGE: sft | dpo | grpo, default
+# sft), under `accelerate launch` when GPUs are present, else one CPU process. Environment: MODEL (base model id or path; default from the config, Qwen/Qwen3-8B),
 # DATA (prepared-data dir), OUT (output dir), NUM_GPUS (default: GPUs seen by nvidia-smi), ACCELERATE_CONFIG
 # (default configs/accelerate/zero2.yaml). Extra arguments are config overrides (--train.max_steps 10 ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config="$1"; shift
-args=(train sft --config "$config")
+args=(train "${STAGE:-sft}" --config "$config")
 if [ -n "${MODEL:-}" ]; then args+=(--model.name_or_path "$MODEL"); fi
 if [ -n "${DATA:-}" ]; then args+=(--data.path "$DATA"); fi
 if [ -n "${OUT:-}" ]; then args+=(--train.output_dir "$OUT"); fi

@@ -1,29 +1,9 @@
 #!/usr/bin/env bash
 # CuMA r=8 on Community Alignment (facebook/community-alignment-dataset): SFT, then DPO (beta 0.1).
-# Stage 1: conditional SFT (configs/ca/cuma_r8_sft.yaml) into $OUT/sft; stage 2: DPO from that adapter
-# (configs/ca/cuma_r8_dpo.yaml; the reference is the SFT policy) into $OUT/dpo.
-# Env: MODEL, DATA (prepared folder of `cuma data ca`), OUT (default runs/ca/cuma_r8), NUM_GPUS,
-# ACCELERATE_CONFIG, SKIP_SFT=1 (reuse $OUT/sft). Extra arguments override both stages (e.g. --train.max_steps 10).
+# Stage 1: SFT (configs/ca/cuma_r8_sft.yaml) into $OUT/sft (skip with SKIP_SFT=1); stage 2: DPO from that adapter, the reference
+# being the SFT policy (configs/ca/cuma_r8_dpo.yaml), into $OUT/dpo. Env: MODEL, DATA, OUT (default runs/ca/cuma_r8), NUM_GPUS,
+# ACCELERATE_CONFIG. Extra arguments override both stages (e.g. --train.max_steps 10).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-out="${OUT:-runs/ca/cuma_r8}"
-
-# second stage: like scripts/_launch.sh (which runs `cuma train sft` only), for `cuma train STAGE`
-stage() {
-  local name="$1" config="$2"; shift 2
-  local args=(train "$name" --config "$config")
-  if [ -n "${MODEL:-}" ]; then args+=(--model.name_or_path "$MODEL"); fi
-  if [ -n "${DATA:-}" ]; then args+=(--data.path "$DATA"); fi
-  local gpus="${NUM_GPUS:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}"
-  if [ "$gpus" -gt 0 ]; then
-    accelerate launch --config_file "${ACCELERATE_CONFIG:-configs/accelerate/zero2.yaml}" \
-      --num_processes "$gpus" -m cuma.cli "${args[@]}" "$@"
-  else
-    cuma "${args[@]}" --model.dtype float32 --train.bf16 false --train.gradient_checkpointing false "$@"
-  fi
-}
-
-if [ "${SKIP_SFT:-0}" != 1 ]; then
-  OUT="$out/sft" scripts/_launch.sh configs/ca/cuma_r8_sft.yaml "$@"
-fi
-stage dpo configs/ca/cuma_r8_dpo.yaml --init.sft_path "$out/sft" --train.output_dir "$out/dpo" "$@"
+here="$(dirname "$0")"; out="${OUT:-runs/ca/cuma_r8}"
+if [ "${SKIP_SFT:-0}" != 1 ]; then OUT="$out/sft" "$here/_launch.sh" configs/ca/cuma_r8_sft.yaml "$@"; fi
+STAGE=dpo OUT="$out/dpo" exec "$here/_launch.sh" configs/ca/cuma_r8_dpo.yaml --init.sft_path "$out/sft" "$@"

@@ -101,6 +101,9 @@ SCRIPTS = [
     "train_cuma_wvs_sft_wo_demo.sh", "train_lora_wvs_sft.sh", "train_fft_wvs_sft.sh", "train_hydralora_wvs_sft.sh",
     "train_mixlora_wvs_sft.sh", "train_prefix_wvs_sft.sh", "evaluate_wvs.sh", "evaluate_wvs_few_shot.sh",
     "train_cuma_wvs_sft_zeroshot.sh", "prepare_wvs.sh", "prepare_wvs_zeroshot.sh",
+    "train_cuma_facebook_sft_dpo.sh", "train_cuma_prism_sft_dpo.sh", "train_lora_facebook_sft_dpo.sh",
+    "train_lora_prism_sft_dpo.sh", "train_cuma_prism_grpo.sh", "evaluate_dpo.sh", "evaluate_prism_dpo.sh",
+    "evaluate_facebook_vanilla.sh", "evaluate_facebook_persona.sh", "evaluate_facebook_fewshot.sh",
 ]
 
 
