@@ -135,3 +135,12 @@ def test_balance_loss_enters_the_loss_with_gradient_accumulation_scaling(tiny_mo
         torch.testing.assert_close(g, r.grad, rtol=1e-4, atol=1e-7)
     # and the balance part is not zero: without it the router gradients differ
     assert balance.item() > 0
+
+
+def test_sft_with_gradient_checkpointing(tiny_model_dir, tiny_prepared, tmp_path):
+    """The recipe trains CuMA with checkpointing on: the profile survives the recompute (a missing profile would
+    raise) and the balance loss is still logged once per step."""
+    run = run_sft(config(tiny_model_dir, tiny_prepared, tmp_path / "gc", "cuma", gradient_checkpointing="true"))
+    assert run["global_step"] == 2 and torch.isfinite(torch.tensor(run["train_loss"]))
+    logged = [h for h in run["log_history"] if "balance_loss" in h]
+    assert len(logged) == 2 and all(h["balance_loss"] > 0 for h in logged)

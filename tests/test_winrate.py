@@ -99,3 +99,29 @@ def test_eval_choice(ca_data, tiny_model_dir, tmp_path, method):
     assert 0.0 <= s1["metrics"]["accuracy"] <= 1.0 and s1["metrics"]["macro_f1"] is not None
     for a, b in zip(p1, p4):  # padding does not change the scores
         assert a["probs"] == pytest.approx(b["probs"], abs=1e-5)
+
+
+def test_eval_winrate_with_a_cuma_candidate(ca_data, tiny_model_dir, tmp_path):
+    """A CuMA adapter generates with its profile rows (the prepared folder's embeddings) against the base model."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from cuma import methods, models
+
+    data = tmp_path / "prep"
+    shutil.copytree(ca_data, data)
+    n_profiles = len(read_jsonl(data / "profiles.jsonl"))
+    save_file({"profile_embeds": torch.randn(n_profiles, 16)}, str(data / "profile_embeds.safetensors"))
+    built = methods.build("cuma", models.load_base(str(tiny_model_dir)), r=2, num_experts=3, router_hidden=8,
+                          profile_dim=16, init_weights=False)
+    methods.save(built, tmp_path / "adapter")
+    out = tmp_path / "wr"
+    rc = cli.main(["eval", "winrate", "--model", str(tiny_model_dir), "--candidate-adapter", str(tmp_path / "adapter"),
+                   "--data", str(data), "--out", str(out), "--judge", "local", "--judge-model",
+                   str(tiny_model_dir), "--max-new-tokens", "3", "--num-samples", "2", "--seed", "0",
+                   "--bootstrap", "50"])
+    assert rc == 0
+    gens = read_jsonl(out / "generations.jsonl")
+    assert len(gens) == 4 and {g["model"] for g in gens} == {"candidate", "reference"}

@@ -45,10 +45,10 @@ class DemoConfig:
     countries: int = 6
     # pairs
     train_pairs: int = 480
-    test_pairs: int = 240
+    test_pairs: int = 160
     # training: the same budget for every method
     methods: list[str] = field(default_factory=lambda: ["lora", "cuma-semantic", "cuma"])
-    steps: int = 60
+    steps: int = 30
     batch_size: int = 8
     learning_rate: float = 5e-4
     eval_batch_size: int = 32
