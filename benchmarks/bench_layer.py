@@ -14,7 +14,8 @@ Variants
   cuma-proto  the same CuMA layer and parameters, run through a benchmark-local forward with two suggested
               changes (scaling folded into the gates; ``addmm`` onto the base output), see benchmarks/_proto.py
   cuma-fused  cuma-proto plus the router's first Linear and the experts' A run as one GEMM (_proto.py)
-              (the prototypes are checked to give the layer's outputs and gradients; omit them with --no-proto)
+              (the prototypes are checked to give the layer's outputs and gradients; --protos off skips them,
+              and --quick skips them unless --protos on)
 
 ``--build direct`` (default) instantiates the layer classes directly and sets the routing context's
 ``rows_profile`` by hand, so neither variant pays PEFT's model-level forward hooks; ``--build peft`` wraps the Linear
@@ -144,7 +145,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--build", choices=["direct", "peft"], default="direct")
-    p.add_argument("--no-proto", action="store_true", help="skip the cuma-proto and cuma-fused variants")
+    p.add_argument("--protos", choices=["on", "off"], default=None,
+                   help="time the cuma-proto and cuma-fused variants (default: on, off with --quick)")
     args = p.parse_args()
     threads = setup_torch(args.threads, args.seed, args.wait_load)
     env = environment(threads)
@@ -152,6 +154,7 @@ def main() -> None:
     print(f"bench_layer: fwd+bwd of one adapted {args.build}-built Linear, fp32, {threads} threads, "
           f"tokens {tokens[0]}x{tokens[1]}={tokens[0] * tokens[1]}, torch {torch.__version__}")
 
+    with_protos = (args.protos or ("off" if args.quick else "on")) == "on"
     rows, results = [], []
     for d in args.dims:
         big = d >= 2048
@@ -161,7 +164,7 @@ def main() -> None:
             reps, warmup, budget = (11, 2, 100.0) if big else (40, 3, 30.0)
         reps = args.reps or reps
         warmup = args.warmup if args.warmup is not None else warmup
-        steps, n_params = build(d, tokens, args.build, args.seed, not args.no_proto)
+        steps, n_params = build(d, tokens, args.build, args.seed, with_protos)
         times = time_interleaved(steps, reps=reps, warmup=warmup, budget_s=budget)
         entry = {"d": d, "tokens": list(tokens), "reps": len(times["lora"]), "variants": {}, "ratios": {}}
         for name, t in times.items():

@@ -51,6 +51,7 @@ class DemoConfig:
     steps: int = 30
     batch_size: int = 8
     learning_rate: float = 5e-4
+    router_learning_rate: Optional[float] = None  # routers start untrained while B = 0: they may need a larger lr
     eval_batch_size: int = 32
 
     def quick_version(self) -> "DemoConfig":
@@ -66,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--steps", type=int, default=None, help=f"training steps per method (default {d.steps})")
     parser.add_argument("--learning-rate", type=float, default=None, help=f"default {d.learning_rate}")
+    parser.add_argument("--router-learning-rate", type=float, default=None,
+                        help="learning rate of the routers (default: the main one)")
     parser.add_argument("--train-pairs", type=int, default=None, help=f"default {d.train_pairs}")
     parser.add_argument("--test-pairs", type=int, default=None, help=f"default {d.test_pairs}")
 
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(out=args.out, work=args.work, seed=args.seed)
     if args.quick:
         cfg = cfg.quick_version()
-    for name in ("steps", "learning_rate", "train_pairs", "test_pairs"):
+    for name in ("steps", "learning_rate", "router_learning_rate", "train_pairs", "test_pairs"):
         value = getattr(args, name)
         if value is not None:
             if value <= 0:
@@ -184,12 +187,13 @@ def _train(cfg: DemoConfig, method: str, prepared: Path, out: Path) -> dict:
         "--train.lr_scheduler_type", "constant", "--train.logging_steps", str(max(1, cfg.steps // 6)),
         "--train.save_strategy", "no", "--train.report_to", "none",
     ])  # fmt: skip
+    run_cfg.train.router_learning_rate = cfg.router_learning_rate
     run_cfg.method.options = _method_options(method)
     return run_sft(run_cfg)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
-def _evaluate(cfg, method: str, adapter: Optional[Path], base, tokenizer, data, out: Path) -> dict:
+def _evaluate(cfg, method: str, adapter: Optional[Path], base, tokenizer, data, out: Path, split: str = "test") -> dict:
     from . import methods
     from .evaluate.choice import compute_metrics
     from .evaluate.report import write_predictions_tsv
@@ -197,7 +201,7 @@ def _evaluate(cfg, method: str, adapter: Optional[Path], base, tokenizer, data, 
 
     built = methods.build(method, base) if adapter is None else methods.load(None, base, adapter)
     preds = score_records(
-        built.model.eval(), tokenizer, data.test, batch_size=cfg.eval_batch_size,
+        built.model.eval(), tokenizer, data.split(split), batch_size=cfg.eval_batch_size,
         profile_table=data.profile_embeds if built.uses_profile else None,
         profile_in_prompt=built.profile_in_prompt, progress=True, desc=f"eval {method}",
     )  # fmt: skip
