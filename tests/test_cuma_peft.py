@@ -321,3 +321,14 @@ def test_training_reduces_loss():
         opt.step()
         losses.append(out.loss.item())
     assert losses[-1] < losses[0] - 0.05
+
+
+def test_unload_removes_the_capture_hook_and_restores_the_base():
+    base = tiny_llama()
+    ids, mask = batch()
+    ref = base(input_ids=ids, attention_mask=mask).logits
+    m = peft.get_peft_model(base, cfg())
+    assert len(base._forward_pre_hooks) == 1
+    restored = m.unload()
+    assert len(restored._forward_pre_hooks) == 0
+    torch.testing.assert_close(restored(input_ids=ids, attention_mask=mask).logits, ref, rtol=0, atol=0)

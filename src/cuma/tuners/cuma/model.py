@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .._shared import RoutedTuner
 from .config import CuMAConfig
 from .layer import CuMALayer, Linear, RoutingContext
 
@@ -67,7 +67,7 @@ class _CaptureCallInputs:
         return None
 
 
-class CuMAModel(BaseTuner):
+class CuMAModel(RoutedTuner):
     """Creates a CuMA model from a pretrained transformers model (see :class:`CuMAConfig`)."""
 
     prefix: str = "cuma_"
@@ -91,12 +91,6 @@ class CuMAModel(BaseTuner):
             if first is not None and first.device.type != "meta":
                 proj = proj.to(first.device)
             self.cuma_profile_proj[adapter_name] = proj
-
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        # PEFT only strips an adapter name in the last two positions of a key; routers and projections are modules
-        # (cuma_router.<adapter>.layers.0.weight), so strip it right after any cuma_ container wherever it is
-        return re.sub(rf"(\.{cls.prefix}[A-Za-z_]+)\.{re.escape(adapter_name)}(?=\.|$)", r"\1", key)
 
     def _router_group(self, config: CuMAConfig, key: str) -> Optional[tuple[str, str]]:
         parent, _, leaf = key.rpartition(".")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .._shared import RoutedTuner
 from .config import HydraLoRAConfig
 from .layer import HydraContext, HydraLoRALayer, Linear
 
@@ -25,7 +25,7 @@ class _CaptureMask:
         return None
 
 
-class HydraLoRAModel(BaseTuner):
+class HydraLoRAModel(RoutedTuner):
     """Creates a HydraLoRA model from a pretrained transformers model (see :class:`HydraLoRAConfig`)."""
 
     prefix: str = "hydralora_"
@@ -65,15 +65,6 @@ class HydraLoRAModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        """Checkpoint key of a model key: drop the adapter name right after the ``hydralora_*`` attribute, also when
-        it is not the second-to-last part (the router is a nested module: ``hydralora_router.<name>.layers.0.weight``),
-        so that an adapter saved under one name loads under another."""
-        pattern = rf"(\.{re.escape(cls.prefix)}[^.]*)\.{re.escape(adapter_name)}(?=\.|$)"
-        new_key, hits = re.subn(pattern, r"\1", key, count=1)
-        return new_key if hits else super()._remove_adapter_name_from_key(key, adapter_name)
-
     def _check_merge_allowed(self):
         raise ValueError(
             "HydraLoRA adapters cannot be merged: the B heads are mixed per token by a router that depends on the "
@@ -82,9 +73,6 @@ class HydraLoRAModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs):
         out = super()._unload_and_optionally_merge(merge, *args, **kwargs)
-        handle = getattr(self, "_capture_handle", None)
-        if handle is not None:
-            handle.remove()
-            self._capture_handle = None
+        if getattr(self, "_capture_handle", None) is None and hasattr(self, "hydra_ctx"):
             del self.hydra_ctx
         return out

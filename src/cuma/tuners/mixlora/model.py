@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch import nn
 
+from .._shared import RoutedTuner
 from .config import MixLoRAConfig
 from .layer import Linear, MixLoRABalance, MixLoRAContext, MixLoRAFFN, MixLoRALayer
 
@@ -28,7 +28,7 @@ class _CaptureCall:
         return None
 
 
-class MixLoRAModel(BaseTuner):
+class MixLoRAModel(RoutedTuner):
     """Creates a MixLoRA model from a pretrained transformers model (see :class:`MixLoRAConfig`).
 
     ``cuma.pop_balance_loss(model)`` returns ``router_aux_loss_coef`` times the Mixtral load-balancing term over the
@@ -124,24 +124,9 @@ class MixLoRAModel(BaseTuner):
         super().delete_adapter(adapter_name)
         self.mixlora_balance.reset(adapter_name)
 
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        """Checkpoint key of a model key: drop the adapter name right after the ``mixlora_*`` attribute wherever it
-        sits, so that an adapter saved under one name loads under another."""
-        pattern = rf"(\.{re.escape(cls.prefix)}[^.]*)\.{re.escape(adapter_name)}(?=\.|$)"
-        new_key, hits = re.subn(pattern, r"\1", key, count=1)
-        return new_key if hits else super()._remove_adapter_name_from_key(key, adapter_name)
-
     def _check_merge_allowed(self):
         raise ValueError(
             "MixLoRA adapters cannot be merged: the FFN experts are chosen per token by a router that depends on the "
             "input, so there is no single weight update to fold into the base model. Keep the adapter unmerged."
         )
 
-    def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs):
-        out = super()._unload_and_optionally_merge(merge, *args, **kwargs)
-        handle = getattr(self, "_capture_handle", None)
-        if handle is not None:
-            handle.remove()
-            self._capture_handle = None
-        return out

@@ -1,0 +1,28 @@
+"""Behaviour shared by this project's routed tuners (CuMA, HydraLoRA, MixLoRA)."""
+
+from __future__ import annotations
+
+import re
+
+from peft.tuners.tuners_utils import BaseTuner
+
+
+class RoutedTuner(BaseTuner):
+    """Base class of the routed tuners: adapter-name-free checkpoint keys for nested modules, and removal of the
+    call-capturing forward pre-hook (``self._capture_handle``) when the adapters are unloaded."""
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # PEFT strips an adapter name only in the last two positions of a key; routers and projections are nested
+        # modules (<prefix>router.<adapter>.layers.0.weight), so strip it right after any <prefix>* attribute
+        pattern = rf"(\.{re.escape(cls.prefix)}[^.]*)\.{re.escape(adapter_name)}(?=\.|$)"
+        new_key, hits = re.subn(pattern, r"\1", key, count=1)
+        return new_key if hits else super()._remove_adapter_name_from_key(key, adapter_name)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs):
+        out = super()._unload_and_optionally_merge(merge, *args, **kwargs)
+        handle = getattr(self, "_capture_handle", None)
+        if handle is not None:
+            handle.remove()
+            self._capture_handle = None
+        return out
