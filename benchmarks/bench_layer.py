@@ -192,7 +192,7 @@ def main() -> None:
     for e in results:
         r = e["ratios"]["cuma/lora"]
         line = (f"d={e['d']}: CuMA/LoRA = {r['median_paired_ratio']:.3f} (median of paired ratios), "
-                f"{r['ratio_of_medians']:.3f} (ratio of medians)")
+                f"{r['ratio_of_medians']:.3f} (ratio of medians), {r['min_ratio']:.3f} (ratio of minima)")
         if e["d"] == 4096:
             v = verdict(r["median_paired_ratio"], TARGET_RATIO_4096)
             line += f"  target <= {TARGET_RATIO_4096}: {v}"
@@ -202,7 +202,7 @@ def main() -> None:
             if f"{pname}/cuma" in e["ratios"]:
                 rp = e["ratios"][f"{pname}/cuma"]
                 print(f"        {pname}/cuma = {rp['median_paired_ratio']:.3f} (paired), "
-                      f"{rp['ratio_of_medians']:.3f} (medians)")
+                      f"{rp['ratio_of_medians']:.3f} (medians), {rp['min_ratio']:.3f} (minima)")
     write_json(args.json, {"benchmark": "bench_layer", "env": env, "config": vars(args), "results": results, "summary": summary})
 
 

@@ -100,6 +100,7 @@ def build_variants(base, tokens, seed: int, protos: bool = False):
     lora_model = get_peft_model(
         copy.deepcopy(base), LoraConfig(target_modules=TARGETS, r=8, lora_alpha=16, lora_dropout=0.0)
     )
+
     def cuma_cfg():
         return cuma.CuMAConfig(
             target_modules=TARGETS, r=8, lora_alpha=16, num_experts=8, top_k=2, profile_dim=PROFILE_DIM,
@@ -195,11 +196,12 @@ def main() -> None:
     )
     v = verdict(r["median_paired_ratio"], TARGET_RATIO)
     print(f"\nCuMA/LoRA step = {r['median_paired_ratio']:.3f} (median of paired ratios), {r['ratio_of_medians']:.3f} "
-          f"(ratio of medians)  target <= {TARGET_RATIO}: {v}")
+          f"(ratio of medians), {r['min_ratio']:.3f} (ratio of minima)  target <= {TARGET_RATIO}: {v}")
     for n in PROTOS:
         if f"{n}/cuma" in ratios:
             rp = ratios[f"{n}/cuma"]
-            print(f"{n}/cuma = {rp['median_paired_ratio']:.3f} (paired), {rp['ratio_of_medians']:.3f} (medians)")
+            print(f"{n}/cuma = {rp['median_paired_ratio']:.3f} (paired), {rp['ratio_of_medians']:.3f} (medians), "
+                  f"{rp['min_ratio']:.3f} (minima)")
     write_json(
         args.json,
         {
