@@ -16,7 +16,6 @@ when the method puts it in the prompt) -> the SFT output loaded twice, ``default
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from .. import methods
-from ..config import dump_yaml
-from ..runinfo import atomic_write_text, environment_record, sha256_file
+from ..runinfo import environment_record
 from .config import DPORunConfig
 from .preference import (
     REFERENCE_ADAPTER,
@@ -40,6 +38,7 @@ from .preference import (
     profile_source,
     train_args_common,
 )
+from .run_record import data_record, save_run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -188,16 +187,10 @@ def run_dpo(cfg: DPORunConfig) -> dict[str, Any]:
         "train_records": len(records),
         "log_history": [h for h in trainer.state.log_history if "loss" in h or "balance_loss" in h],
         "base_model": describe(cfg.model.name_or_path),
-        "data": {
-            "path": str(data.path),
-            "manifest_sha256": sha256_file(data.path / "manifest.json") if (data.path / "manifest.json").is_file() else None,
-            "train_sha256": sha256_file(data.split_file(cfg.data.train_split)),
-        },
+        "data": data_record(data, cfg.data.train_split),
         "environment": environment_record(),
     }
-    if trainer.is_world_process_zero():
-        atomic_write_text(out / "resolved_config.yaml", dump_yaml(cfg))
-        atomic_write_text(out / "run.json", json.dumps(run, indent=2, default=str))
+    save_run(trainer, cfg, out, run)
     return run
 
 

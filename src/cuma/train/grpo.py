@@ -28,8 +28,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from .. import methods
-from ..config import dump_yaml
-from ..runinfo import atomic_write_text, environment_record, sha256_file
+from ..runinfo import environment_record
 from .config import GRPORunConfig
 from .dpo import _build_policy, _resume
 from .preference import (
@@ -41,6 +40,7 @@ from .preference import (
     profile_lookup,
     profile_source,
 )
+from .run_record import data_record, save_run
 
 _MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
                "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -265,14 +265,8 @@ def run_grpo(cfg: GRPORunConfig, judge=None, reward_funcs=None) -> dict[str, Any
         "train_prompts": len(rows),
         "log_history": list(trainer.state.log_history),
         "base_model": describe(cfg.model.name_or_path),
-        "data": {
-            "path": str(data.path),
-            "manifest_sha256": sha256_file(data.path / "manifest.json") if (data.path / "manifest.json").is_file() else None,
-            "train_sha256": sha256_file(data.split_file(cfg.data.train_split)),
-        },
+        "data": data_record(data, cfg.data.train_split),
         "environment": environment_record(),
     }
-    if trainer.is_world_process_zero():
-        atomic_write_text(out / "resolved_config.yaml", dump_yaml(cfg))
-        atomic_write_text(out / "run.json", json.dumps(run, indent=2, default=str))
+    save_run(trainer, cfg, out, run)
     return run

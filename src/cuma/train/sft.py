@@ -7,7 +7,6 @@ trainer (balance loss added in ``compute_loss``) -> train -> adapter + run recor
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -19,12 +18,12 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from .. import methods
-from ..config import dump_yaml, to_dict
 from ..distributed import prepare_for_zero3
 from ..routing import clear_balance_loss, pop_balance_loss, record_gates
-from ..runinfo import atomic_write_text, environment_record, sha256_file
+from ..runinfo import environment_record
 from .collator import ProfileCollator, tokenize_example
 from .config import SFTRunConfig
+from .run_record import data_record, save_run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -243,19 +242,10 @@ def run_sft(cfg: SFTRunConfig) -> dict[str, Any]:
         "train_tokens_per_epoch": tokens,
         "log_history": history,
         "base_model": describe(cfg.model.name_or_path),
-        "data": {
-            "path": str(data.path),
-            "manifest_sha256": sha256_file(data.path / "manifest.json") if (data.path / "manifest.json").is_file() else None,
-            "train_sha256": sha256_file(
-                data.split_file(cfg.data.train_split) if hasattr(data, "split_file")
-                else data.path / f"{cfg.data.train_split}.jsonl"
-            ),
-        },
+        "data": data_record(data, cfg.data.train_split),
         "environment": environment_record(),
     }
-    if trainer.is_world_process_zero():
-        atomic_write_text(out / "resolved_config.yaml", dump_yaml(cfg))
-        atomic_write_text(out / "run.json", json.dumps(run, indent=2, default=str))
+    save_run(trainer, cfg, out, run)
     return run
 
 
