@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
+
+import torch
 
 from peft.tuners.tuners_utils import BaseTuner
 
@@ -26,3 +29,16 @@ class RoutedTuner(BaseTuner):
             handle.remove()
             self._capture_handle = None
         return out
+
+
+def init_lora_pair(a: "torch.Tensor", b: "torch.Tensor", fan_in: int, zero_b: bool = True) -> None:
+    """LoRA's initialisation for packed tensors: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (what kaiming-uniform with
+    a=sqrt(5) gives an (r, fan_in) matrix), B = 0 so the adapter starts as the identity; ``zero_b=False`` draws B
+    from the same range (tests use it to make the adapter visible)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    with torch.no_grad():
+        a.uniform_(-bound, bound)
+        if zero_b:
+            b.zero_()
+        else:
+            b.uniform_(-bound, bound)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -11,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...routing import Gates, Router, log_gates, switch_balance_loss, topk_gates
+from .._shared import init_lora_pair
 from .config import CuMAConfig
 
 
@@ -86,15 +86,7 @@ class CuMALayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     def reset_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
-        a = self.cuma_A[adapter_name]
-        # LoRA's A initialisation (kaiming-uniform with a=sqrt(5) on an (r, in) matrix) is U(-1/sqrt(in), 1/sqrt(in))
-        bound = 1.0 / math.sqrt(self.in_features)
-        with torch.no_grad():
-            a.uniform_(-bound, bound)
-            if init_weights:
-                self.cuma_B[adapter_name].zero_()
-            else:  # non-zero B, used by tests to make the experts visible
-                self.cuma_B[adapter_name].uniform_(-bound, bound)
+        init_lora_pair(self.cuma_A[adapter_name], self.cuma_B[adapter_name], self.in_features, zero_b=init_weights)
 
     # ----------------------------------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

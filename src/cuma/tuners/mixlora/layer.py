@@ -24,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...routing import log_gates
+from .._shared import init_lora_pair
 from .config import MixLoRAConfig
 
 _MERGE_ERROR = (
@@ -278,14 +279,9 @@ class MixLoRAFFN(nn.Module, MixLoRALayer):
     def reset_parameters(self, adapter_name: str, config: MixLoRAConfig) -> None:
         with torch.no_grad():
             self.mixlora_router[adapter_name].weight.normal_(0.0, config.router_init_range)
-            for proj, fan_in in (("gate", self.hidden_size), ("up", self.hidden_size), ("down", self.intermediate_size)):
-                bound = 1.0 / math.sqrt(fan_in)  # LoRA's kaiming-uniform(a=sqrt(5)) A initialisation
-                getattr(self, f"mixlora_{proj}_A")[adapter_name].uniform_(-bound, bound)
-                b = getattr(self, f"mixlora_{proj}_B")[adapter_name]
-                if config.init_weights:
-                    b.zero_()
-                else:  # non-zero B, used by tests to make the experts visible
-                    b.uniform_(-bound, bound)
+        for proj, fan_in in (("gate", self.hidden_size), ("up", self.hidden_size), ("down", self.intermediate_size)):
+            a = getattr(self, f"mixlora_{proj}_A")[adapter_name]
+            init_lora_pair(a, getattr(self, f"mixlora_{proj}_B")[adapter_name], fan_in, zero_b=config.init_weights)
 
     # ----------------------------------------------------------------------------------------------------------
     def _token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
