@@ -144,3 +144,51 @@ def test_sft_with_gradient_checkpointing(tiny_model_dir, tiny_prepared, tmp_path
     assert run["global_step"] == 2 and torch.isfinite(torch.tensor(run["train_loss"]))
     logged = [h for h in run["log_history"] if "balance_loss" in h]
     assert len(logged) == 2 and all(h["balance_loss"] > 0 for h in logged)
+
+
+def test_labelled_positions_only_gives_the_same_loss_and_gradients():
+    # the CPU speed-up scores only labelled positions through TRL's fused LM head: same loss, same gradients
+    from trl.trainer import utils as trl_utils
+
+    from cuma.train.sft import labelled_positions_only
+
+    model = tiny_llama(seed=3)
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    ids, mask = batch(bsz=3, length=9)
+    labels = torch.full_like(ids, -100)
+    labels[:, -3:] = ids[:, -3:]
+    labels[1, -3:] = -100  # a row without labels
+    labels[1, 4:6] = ids[1, 4:6]
+
+    def run(compact):
+        model.zero_grad()
+        ctx = labelled_positions_only(torch.device("cpu")) if compact else torch.enable_grad()
+        with ctx:
+            assert trl_utils._use_triton(torch.device("cpu")) is compact  # the switch TRL reads
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, g_full = run(False)
+    compact, g_compact = run(True)
+    assert trl_utils._use_triton(torch.device("cpu")) is False  # restored after the call
+    torch.testing.assert_close(compact.loss, full.loss)
+    torch.testing.assert_close(compact.entropy, full.entropy)
+    assert g_full.keys() == g_compact.keys() and g_full
+    for name in g_full:
+        torch.testing.assert_close(g_compact[name], g_full[name], rtol=1e-5, atol=1e-6)
+
+
+def test_extra_callbacks_reach_the_trainer(tiny_model_dir, tiny_prepared, tmp_path):
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            from peft import PeftModel
+
+            seen.append((state.global_step, isinstance(model, PeftModel)))
+
+    run_sft(config(tiny_model_dir, tiny_prepared, tmp_path / "out", "cuma", steps=3), callbacks=[Steps()])
+    assert seen == [(1, True), (2, True), (3, True)]

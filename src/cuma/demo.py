@@ -175,7 +175,10 @@ def _method_options(method: str) -> dict:
     return options
 
 
-def _train(cfg: DemoConfig, method: str, prepared: Path, out: Path) -> dict:
+def _train(cfg: DemoConfig, method: str, prepared: Path, out: Path, options: Optional[dict] = None,
+           callbacks: Optional[list] = None) -> dict:
+    """One SFT run with the demo's budget; ``options`` override the method options (investigations), ``callbacks``
+    go to the trainer."""
     from .config import load_config
     from .train.config import SFTRunConfig
     from .train.sft import run_sft
@@ -188,8 +191,8 @@ def _train(cfg: DemoConfig, method: str, prepared: Path, out: Path) -> dict:
         "--train.save_strategy", "no", "--train.report_to", "none",
     ])  # fmt: skip
     run_cfg.train.router_learning_rate = cfg.router_learning_rate
-    run_cfg.method.options = _method_options(method)
-    return run_sft(run_cfg)
+    run_cfg.method.options = {**_method_options(method), **(options or {})}
+    return run_sft(run_cfg, callbacks=callbacks)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -201,7 +204,7 @@ def _evaluate(cfg, method: str, adapter: Optional[Path], base, tokenizer, data, 
 
     built = methods.build(method, base) if adapter is None else methods.load(None, base, adapter)
     preds = score_records(
-        built.model.eval(), tokenizer, data.split(split), batch_size=cfg.eval_batch_size,
+        built.model.to(_device()).eval(), tokenizer, data.split(split), batch_size=cfg.eval_batch_size,
         profile_table=data.profile_embeds if built.uses_profile else None,
         profile_in_prompt=built.profile_in_prompt, progress=True, desc=f"eval {method}",
     )  # fmt: skip
@@ -225,23 +228,38 @@ def _evaluate(cfg, method: str, adapter: Optional[Path], base, tokenizer, data, 
 def _cuma_expert_load(cfg, work: Path, tokenizer, data) -> dict:
     """Mean gate per expert (over every adapted projection and non-pad token) for each country's test prompts."""
     from . import methods
-    from .data.prompts import render_prompt
     from .models import load_base
-    from .routing import record_gates
 
     built = methods.load(None, load_base("smollm2-135m"), work / "adapters" / "cuma")
-    model = built.model.eval()
+    model = built.model.to(_device()).eval()
+    return expert_load_by_country(model, tokenizer, data.test, data.profile_embeds, built.profile_in_prompt)
+
+
+def _device() -> torch.device:
+    # the trainer picks a GPU by itself; evaluation follows it so `cuma demo --steps 300` runs in minutes on one
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def expert_load_by_country(model, tokenizer, records, profile_embeds, profile_in_prompt: bool, per_country: int = 16) -> dict:
+    """Mean gate per expert (over every routed projection and non-pad token) for up to ``per_country`` prompts of
+    each country. ``profile_embeds`` None for routers that see only tokens (semantic-only)."""
+    from .data.prompts import render_prompt
+    from .routing import record_gates
+
+    device = next(model.parameters()).device
     by_country: dict[str, list[dict]] = {}
-    for r in data.test:
+    for r in records:
         by_country.setdefault(r["profile"].get("country", "?"), []).append(r)
     load = {}
-    for country, records in sorted(by_country.items()):
-        records = records[:16]
-        texts = [render_prompt(r, tokenizer, profile_in_prompt=built.profile_in_prompt) for r in records]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        rows = data.profile_embeds[torch.as_tensor([r["profile_index"] for r in records])]
+    for country, rows in sorted(by_country.items()):
+        rows = rows[:per_country]
+        texts = [render_prompt(r, tokenizer, profile_in_prompt=profile_in_prompt) for r in rows]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        extra = {}
+        if profile_embeds is not None:
+            extra["profile_embeds"] = profile_embeds[torch.as_tensor([r["profile_index"] for r in rows])].to(device)
         with torch.no_grad(), record_gates(model) as rec:
-            model(**enc, profile_embeds=rows)
+            model(**enc, **extra)
         total = None
         for name, gates in rec.gates.items():
             g, m = gates[0], rec.masks[name][0]
@@ -300,11 +318,22 @@ def _write_report(cfg: DemoConfig, out: Path, summary: dict, results: dict, trut
         "",
         *[f"![{name}]({name})" for name in figures],
         "",
-        f"Command: `cuma demo{' --quick' if cfg.quick else ''}`. Everything (predictions, adapters, run records) is under "
+        f"Command: `{_command(cfg)}`. Everything (predictions, adapters, run records) is under "
         f"`{cfg.work}/`; every number of this page is in `results.json`.",
     ]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2, default=str))
+
+
+def _command(cfg: DemoConfig) -> str:
+    """The `cuma demo` command line that reproduces ``cfg`` (flags only where they differ from the defaults)."""
+    default = DemoConfig().quick_version() if cfg.quick else DemoConfig()
+    parts = ["cuma demo"] + (["--quick"] if cfg.quick else [])
+    for name in ("out", "work", "seed", "steps", "learning_rate", "router_learning_rate", "train_pairs", "test_pairs"):
+        value = getattr(cfg, name)
+        if value != getattr(default, name):
+            parts.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(parts)
 
 
 def _figures(out: Path, summary: dict, results: dict, truth: dict, routing) -> list[str]:

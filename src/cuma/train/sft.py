@@ -10,7 +10,7 @@ import dataclasses
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,6 +47,30 @@ def expert_load_entropy(record) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+@contextmanager
+def labelled_positions_only(device: torch.device):
+    """On the CPU, let TRL's fused LM head score only the positions with a label.
+
+    TRL 1.16 projects only the labelled positions through the LM head on Triton devices and every position elsewhere
+    (fixed tile shapes for compiled backends); on the CPU the compact path is the same plain-torch tiles on fewer
+    rows. With an answer of a few tokens after a ~140-token prompt this skips nearly all of the LM head, forward and
+    backward: ~20% of a SmolLM2 training step. Scoped to one call and restored after it; a no-op elsewhere or when
+    TRL no longer has the switch."""
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:  # pragma: no cover
+        trl_utils = None
+    original = getattr(trl_utils, "_use_triton", None)
+    if device.type != "cpu" or original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda d: True if d.type == "cpu" else original(d)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 class ProfileSFTTrainer(SFTTrainer):
     """SFTTrainer that adds the routers' balance loss with the trainer's gradient-accumulation scaling and logs it
     (and the expert-load entropy) separately. Works unchanged for methods without routers."""
@@ -58,7 +82,8 @@ class ProfileSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         clear_balance_loss(model)  # drop terms a gradient-checkpointing recompute left behind
-        with record_gates(model, to_cpu=False) if mode == "train" else nullcontext() as rec:
+        compact = labelled_positions_only(self.args.device) if not return_outputs else nullcontext()
+        with record_gates(model, to_cpu=False) if mode == "train" else nullcontext() as rec, compact:
             # return_outputs only when asked: TRL's fused LM head then needs a second forward for the logits
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -143,8 +168,10 @@ def _resume_arg(value: Optional[str]):
     return True if value == "latest" else value
 
 
-def run_sft(cfg: SFTRunConfig) -> dict[str, Any]:
-    """Train ``cfg.method.name`` on the prepared data and save the result in ``cfg.train.output_dir``."""
+def run_sft(cfg: SFTRunConfig, callbacks: Optional[list] = None) -> dict[str, Any]:
+    """Train ``cfg.method.name`` on the prepared data and save the result in ``cfg.train.output_dir``.
+
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. an evaluation at chosen steps)."""
     from datasets import Dataset
     from transformers import set_seed
 
@@ -212,7 +239,7 @@ def run_sft(cfg: SFTRunConfig) -> dict[str, Any]:
         pad_token_id=tokenizer.pad_token_id, profile_table=table, encoder=encoder, uses_profile=built.uses_profile
     )
 
-    callbacks = [cb for cb in [methods.trainer_callback(built)] if cb is not None]
+    callbacks = [cb for cb in [methods.trainer_callback(built), *(callbacks or [])] if cb is not None]
     trainer = ProfileSFTTrainer(
         model=built.model,
         args=_sft_args(cfg, built, eval_ds is not None),
