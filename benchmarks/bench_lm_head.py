@@ -55,7 +55,7 @@ def main() -> None:
         with ctx:
             loss = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, **extra).loss
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     losses = {"all positions": step(False), "labelled only": step(True)}
     reps = args.reps or (3 if args.quick else 8)

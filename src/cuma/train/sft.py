@@ -54,8 +54,8 @@ def labelled_positions_only(device: torch.device):
     TRL 1.16 projects only the labelled positions through the LM head on Triton devices and every position elsewhere
     (fixed tile shapes for compiled backends); on the CPU the compact path is the same plain-torch tiles on fewer
     rows. With an answer of a few tokens after a ~140-token prompt this skips nearly all of the LM head, forward and
-    backward: ~20% of a SmolLM2 training step. Scoped to one call and restored after it; a no-op elsewhere or when
-    TRL no longer has the switch."""
+    backward (for SmolLM2 at batch 8 x 140 on two cores the head is ~0.5 s of a 2.5 s forward). Scoped to one call
+    and restored after it; a no-op elsewhere or when TRL no longer has the switch."""
     try:
         from trl.trainer import utils as trl_utils
     except ImportError:  # pragma: no cover
