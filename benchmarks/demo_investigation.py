@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from cuma import demo
+from cuma import demo, methods
 from cuma.data.records import load_prepared
 from cuma.data.splits import prepare_wvb
 from cuma.data.synthetic import SynthConfig, write_synthetic
 from cuma.data.wvb import load_wvb
 from cuma.evaluate.choice import compute_metrics
 from cuma.evaluate.scoring import score_records
-from cuma.models import load_base_and_tokenizer
+from cuma.models import load_tokenizer
 
 # variant -> DemoConfig overrides ("cfg") and method option overrides ("options")
 VARIANTS = {
@@ -132,6 +132,7 @@ def main() -> None:
             tmp.write_text(json.dumps(rows, indent=2))
             tmp.replace(args.json)
 
+    tok = load_tokenizer("smollm2-135m")
     for item in args.runs.split(","):
         variant, method = item.split(":")
         spec = VARIANTS[variant]
@@ -141,11 +142,9 @@ def main() -> None:
         if method == "lora":  # the routing options do not apply to LoRA
             options = {k: v for k, v in options.items()
                        if k in ("profile_in_prompt", "init_weights", "layers_to_transform")}
-        _, tok = load_base_and_tokenizer("smollm2-135m")
         pip = options.get("profile_in_prompt", True)
-        routed = method.startswith("cuma")
-        cb = ValidEval(eval_at, tok, data, profile_in_prompt=pip, uses_profile=method in ("cuma", "cuma-soft"),
-                       routed=routed, row={"variant": variant, "method": method, "train_pairs": len(data.train),
+        uses_profile, routed = methods.get_spec(method).profile_routing, method.startswith("cuma")
+        cb = ValidEval(eval_at, tok, data, profile_in_prompt=pip, uses_profile=uses_profile, routed=routed, row={"variant": variant, "method": method, "train_pairs": len(data.train),
                                            "seed": args.seed},
                        sink=sink)
         demo._train(cfg, method, prepared, work / variant / "adapters" / method, options=options, callbacks=[cb])
