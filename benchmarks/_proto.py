@@ -1,21 +1,20 @@
-"""Benchmark-local prototypes of faster CuMA layer forwards (src/ is not changed by the benchmarks).
+"""Benchmark-local CuMA layer forwards (src/ is not changed by the benchmarks).
 
-Both functions compute exactly what ``cuma.tuners.cuma.layer.Linear.forward`` computes for a layer with one active
-adapter, one A per expert, no lora/router dropout and its own router; ``check_same`` asserts it (outputs and
-gradients). They read the layer's own parameters and routing context, record the balance term the same way, and
-can be bound in place of ``Linear.forward`` (see :func:`patch_model`).
+Each function computes what ``cuma.tuners.cuma.layer.Linear.forward`` computes for a layer with one active adapter,
+one A per expert, no lora/router dropout and its own router, inside the layer's current routing call (it reads the
+profile rows and padding mask from it and records the balance term in it, like the layer). ``check_same`` asserts it
+(outputs and gradients, balance term included); :func:`patch_model` binds one in place of ``Linear.forward``.
 
-``proto_forward`` (two small changes)
-    1. ``scaling`` is folded into the (tokens x N) gates instead of multiplying the (tokens x out) delta: one
-       full-size multiply fewer in forward and one fewer in backward.
-    2. the expert output is accumulated onto the base output inside the GEMM, ``addmm(result, z, B_cat)``, instead
-       of ``result + delta``: one full-size add fewer in forward.
-
-``fused_forward`` (1 + 2, plus)
-    3. the router's first Linear (token part) and the experts' A projection read the same x, so they run as ONE
-       GEMM, ``x @ [W1_tok ; A_cat^T]^T`` (256 + N*r = 320 columns), instead of two; in backward that is one GEMM
-       for dL/dx instead of two (and one full-size gradient accumulation into dL/dx fewer) and one GEMM for the
-       weight gradients instead of two.
+``fused_router_forward`` (a prototype; the library's fast path, ``CuMAConfig(fast_path="fused")``, does not do it)
+    the library's fused experts (``cuma.tuners.fused.mix_experts``: scaling folded into the gates, ``addmm`` onto the
+    base output, one autograd function), plus the router's first Linear (token part) and the experts' A projection
+    run as ONE GEMM on the shared input, ``x @ [W1_tok ; A_cat^T]^T`` (hidden + N*r columns): in backward one dL/dx
+    GEMM instead of two. It re-implements the plain Router's forward, so it is only valid for that Router
+    (``_supported`` checks the configuration).
+``loop_forward`` (the authors'-style per-expert loop; the slow oracle, used by benchmarks/gpu_check.py as
+    ``cuma_loop``)
+    route with the layer's own router and top-k gates, then for each expert gather the tokens routed to it
+    (``nonzero``: a host synchronisation per expert), apply ``B_i A_i``, scale by the gate, ``index_add`` back.
 """
 
 from __future__ import annotations
@@ -27,56 +26,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from cuma.routing import switch_balance_loss, topk_gates
+from cuma.tuners import fused
 
 NAME = "default"
 
 
-def _supported(layer) -> bool:
+def _supported(layer, need_plain_router: bool = False) -> bool:
     cfg = layer.cuma_settings[NAME]
-    return (
+    ok = (
         not cfg.shared_A
         and cfg.lora_dropout == 0
-        and cfg.router_dropout == 0
         and NAME not in layer._router_owner
         and not layer._router_has_followers
         and not layer.disable_adapters
         and list(layer.active_adapters) == [NAME]
     )
+    if need_plain_router:
+        router = layer.cuma_router[NAME]
+        ok = (ok and cfg.router_dropout == 0 and type(router).forward.__qualname__ == "Router.forward"
+              and getattr(router, "input_norm", "none") == "none")
+    return ok
 
 
-def _record_balance(layer, gates, mask) -> None:
-    cfg = layer.cuma_settings[NAME]
-    if layer.training and cfg.balance_loss_coef > 0 and torch.is_grad_enabled():
-        layer._balance_terms.append(cfg.balance_loss_coef * switch_balance_loss(gates, mask))
-
-
-def _finish(layer, result, z, gates_w):
-    """z: (B, T, N, r) expert activations, gates_w: (B, T, N). Returns result + scaling * (z * g) @ B_cat."""
-    cfg = layer.cuma_settings[NAME]
-    n, r = cfg.num_experts, cfg.r
-    b = layer.cuma_B[NAME]
-    z = z * (gates_w * cfg.scaling).to(z.dtype).unsqueeze(-1)
-    out = torch.addmm(result.reshape(-1, layer.out_features), z.reshape(-1, n * r), b.reshape(n * r, layer.out_features))
-    return out.view(result.shape)
-
-
-def proto_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    result = layer.base_layer(x)
-    cfg = layer.cuma_settings[NAME]
-    x3 = x.unsqueeze(0) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
-    gates, mask = layer._route(NAME, x, x3)
-    a = layer.cuma_A[NAME]
-    n, r = cfg.num_experts, cfg.r
-    a_cat = a.permute(1, 0, 2).reshape(layer.in_features, n * r)
-    z = (x3 @ a_cat).unflatten(-1, (n, r))
-    return _finish(layer, result.reshape(*x3.shape[:-1], -1), z, gates.weights).view(result.shape)
-
-
-def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
+def fused_router_forward(layer, x: torch.Tensor) -> torch.Tensor:
     result = layer.base_layer(x)
     cfg = layer.cuma_settings[NAME]
     x3 = x.unsqueeze(0) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
     rows, length = x3.shape[0], x3.shape[1]
+    call = layer._current_call(NAME, needs_profile=cfg.profile_dim > 0)
     router = layer.cuma_router[NAME]
     first = router.layers[0]
     w = first.weight
@@ -88,24 +65,51 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     pre, z = both.split([hidden, n * r], dim=-1)
     if first.bias is not None:
         pre = pre + first.bias
-    profile = layer._profile_for(NAME, rows)
     if router.profile_dim:
+        profile = layer._profile_for(NAME, call, rows)
         pre = pre + F.linear(profile.to(w.dtype), w[:, d_in:]).unsqueeze(1)
     out = pre
     for lin in router.layers[1:]:
         out = lin(F.relu(out))
     gates = topk_gates(out, cfg.effective_top_k)
-    _record_balance(layer, gates, layer._token_mask(rows, length))
-    return _finish(layer, result.reshape(rows, length, -1), z.unflatten(-1, (n, r)), gates.weights).view(result.shape)
+    mask = call.mask_for(rows, length) if call is not None else None
+    if call is not None and call.computes_balance and layer.training and cfg.balance_loss_coef > 0:
+        call.record(cfg.balance_loss_coef * switch_balance_loss(gates, mask))
+    # the experts' second half: z = x A_cat is already there, so gate it and expand onto the base output
+    b = layer.cuma_B[NAME]
+    g = gates.weights.reshape(-1, n) * cfg.scaling
+    zg = (z.reshape(-1, n, r) * g.to(z.dtype).unsqueeze(-1)).reshape(-1, n * r)
+    y = torch.addmm(result.reshape(-1, layer.out_features), zg, b.reshape(n * r, layer.out_features))
+    return y.view(result.shape)
 
 
-PROTOS = {"cuma-proto": proto_forward, "cuma-fused": fused_forward}
+def loop_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    result = layer.base_layer(x)
+    cfg = layer.cuma_settings[NAME]
+    x3 = x.unsqueeze(0) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
+    gates, _ = layer._route(NAME, x, x3)  # the layer's own routing (records the balance term)
+    a, b = layer.cuma_A[NAME], layer.cuma_B[NAME]
+    dtype = fused.compute_dtype(x3, a)
+    flat_x = x3.reshape(-1, x3.shape[-1]).to(dtype)
+    vals, idx = gates.weights.reshape(flat_x.shape[0], -1).topk(cfg.effective_top_k, dim=-1)
+    delta = flat_x.new_zeros(flat_x.shape[0], layer.out_features)
+    for i in range(cfg.num_experts):
+        rows, slot = (idx == i).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        contrib = (flat_x.index_select(0, rows) @ a[i].to(dtype) @ b[i].to(dtype))
+        contrib = contrib * (vals[rows, slot].unsqueeze(1) * cfg.scaling).to(dtype)
+        delta = delta.index_add(0, rows, contrib)
+    return result + delta.to(result.dtype).view(result.shape)
 
 
-def check_same(layer, x: torch.Tensor, fn, rtol: float = 1e-4, atol: float = 1e-5) -> None:
-    """Assert fn(layer, x) == layer(x) in value and in the gradients of x and every trainable parameter, with a
-    non-zero B (restored afterwards) so that the experts contribute."""
-    assert _supported(layer), "prototype forwards cover one adapter, own router, no dropout, one A per expert"
+PROTOS = {"cuma-fused-router": fused_router_forward}
+
+
+def check_same(layer, x: torch.Tensor, fn, profile=None, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Assert fn(layer, x) == layer(x) in value and in the gradients of x and every trainable parameter (balance term
+    included), with a non-zero B (restored afterwards) so that the experts contribute."""
+    assert _supported(layer, need_plain_router=fn is fused_router_forward), "unsupported layer configuration"
     b = layer.cuma_B[NAME]
     saved = b.detach().clone()
     with torch.no_grad():
@@ -114,13 +118,12 @@ def check_same(layer, x: torch.Tensor, fn, rtol: float = 1e-4, atol: float = 1e-
     outs = []
     for f in (lambda t: layer(t), lambda t: fn(layer, t)):
         xx = x.detach().clone().requires_grad_(True)
-        layer._balance_terms.clear()
-        y = f(xx)
+        with layer._routing_scope.call(profile_rows=profile, records_balance=layer.training) as call:
+            y = f(xx)
         g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
-        loss = (y * g).sum() + (torch.stack(layer._balance_terms).sum() if layer._balance_terms else 0.0)
+        loss = (y * g).sum() + sum(call.balance_terms, torch.zeros(()))
         grads = torch.autograd.grad(loss, [xx, *params])
         outs.append((y.detach(), grads))
-    layer._balance_terms.clear()
     with torch.no_grad():
         b.copy_(saved)
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=rtol, atol=atol)
@@ -136,7 +139,8 @@ def patch_model(model: nn.Module, fn) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, CuMALinear):
-            assert _supported(module)
+            assert _supported(module, need_plain_router=fn is fused_router_forward)
             module.forward = types.MethodType(lambda self, x, *a, **k: fn(self, x), module)
             count += 1
     return count
+

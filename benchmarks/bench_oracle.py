@@ -42,7 +42,6 @@ from _common import (
 import cuma  # noqa: E402
 from cuma.routing import topk_gates  # noqa: E402
 from cuma.tuners.cuma.layer import Linear as CuMALinear  # noqa: E402
-from cuma.tuners.cuma.layer import RoutingContext  # noqa: E402
 
 TARGET_SPEEDUP = 2.0
 N, K, R, ALPHA, PROFILE_DIM = 8, 2, 8, 16, 384
@@ -83,10 +82,15 @@ def build_layer(d: int, seed: int, profile: torch.Tensor) -> CuMALinear:
         target_modules=["q_proj"], r=R, lora_alpha=ALPHA, num_experts=N, top_k=K, profile_dim=PROFILE_DIM,
         router_hidden=256, init_weights=False,  # non-zero B so that the experts' outputs are compared for real
     )
-    ctx = RoutingContext()
-    ctx.rows_profile = profile
-    # eval mode: the balance term is not recorded (it is not part of this comparison); dropout is 0 anyway
-    return CuMALinear(base, "default", config, ctx).eval()
+    # eval mode: the balance term is not recorded (it is not part of this comparison); dropout is 0 anyway. The
+    # layer's calls run inside `layer._routing_scope.call(profile_rows=profile)` (see expert_delta below).
+    return CuMALinear(base, "default", config).eval()
+
+
+def expert_delta(layer: CuMALinear, x, profile):
+    """The layer's own CuMALayer._expert_delta, inside a routing call that carries the profile rows."""
+    with layer._routing_scope.call(profile_rows=profile, records_balance=False):
+        return layer._expert_delta("default", x)
 
 
 def _grads(out, grad_out, tensors):
@@ -111,7 +115,7 @@ def run_dim(d: int, tokens: tuple[int, int], reps: int, warmup: int, seed: int, 
 
     # ---- exactness checks ------------------------------------------------------------------------------------
     with torch.no_grad():
-        real = layer._expert_delta("default", x)
+        real = expert_delta(layer, x, profile)
         mine = dense_experts(x, a, b, top_vals, top_idx, scaling)
     torch.testing.assert_close(mine, real, rtol=1e-5, atol=1e-6)  # the local copy is the layer's computation
     leaves = [x, a, b, top_vals]
@@ -129,7 +133,7 @@ def run_dim(d: int, tokens: tuple[int, int], reps: int, warmup: int, seed: int, 
         vals, idx = g.weights.topk(K, dim=-1)
         return loop_experts(x, a, b, vals, idx, scaling)
 
-    y_d = layer._expert_delta("default", x)
+    y_d = expert_delta(layer, x, profile)
     y_l = adapter_loop()
     torch.testing.assert_close(y_d, y_l, rtol=1e-4, atol=1e-5)
     for g1, g2 in zip(_grads(y_d, grad_out, adapter_leaves), _grads(y_l, grad_out, adapter_leaves)):
@@ -145,7 +149,7 @@ def run_dim(d: int, tokens: tuple[int, int], reps: int, warmup: int, seed: int, 
     fns = {
         "experts/dense": step(lambda: dense_experts(x, a, b, top_vals, top_idx, scaling), leaves),
         "experts/loop": step(lambda: loop_experts(x, a, b, top_vals, top_idx, scaling), leaves),
-        "adapter/dense": step(lambda: layer._expert_delta("default", x), adapter_leaves),
+        "adapter/dense": step(lambda: expert_delta(layer, x, profile), adapter_leaves),
         "adapter/loop": step(adapter_loop, adapter_leaves),
     }
     times = time_interleaved(fns, reps=reps, warmup=warmup, budget_s=budget)

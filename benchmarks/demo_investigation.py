@@ -1,14 +1,24 @@
-"""Why does (or doesn't) CuMA beat LoRA in `cuma demo`? Variants of the demo's training settings, compared on the
-VALID split of the demo's synthetic population (the test split is never used to choose settings).
+"""Why does (or doesn't) CuMA beat LoRA in `cuma demo`, and what makes it learn who is asking faster? Variants of the
+demo's training settings, measured on the VALID split of the demo's synthetic population (the test split is never
+used to choose settings).
 
-    python benchmarks/demo_investigation.py --runs base:lora,base:cuma [--steps 300 --eval-at 30,100,300]
-    python benchmarks/demo_investigation.py --prepare-only --train-pairs 3000 --data runs/inv_data_3000
-    python benchmarks/demo_investigation.py --data runs/inv_data_3000 --runs noprompt:cuma --json out.json
+    python benchmarks/demo_investigation.py --prepare-only --data runs/inv/data
+    python benchmarks/demo_investigation.py --data runs/inv/data --runs paper:cuma,paper:lora --steps 60 \\
+        --eval-at 0,15,30,60 --json runs/inv/paper.json
 
-Each run trains one method with the demo's batch size and constant learning rate and, at every step of ``--eval-at``
-(default: the last), scores the valid pairs and measures how far the routers separate the countries (spread of the
-expert load between countries). One row per (run, step) is printed as JSON and collected in ``--json``. With a
-constant learning rate the evaluation at step s of a longer run is the evaluation of an s-step run.
+Each run trains one method with the demo's data, batch size and constant learning rate; at every step of
+``--eval-at`` it scores the valid pairs (seen countries, and held-out countries = zero-shot) and measures the
+routers (``--diagnose``):
+
+- per adapted layer, the RMS of the token part ``W_h h_t`` and of the profile part ``W_e e_d`` of the router's first
+  pre-activation, and the spread of the profile part between profiles (its RMS after removing the mean profile);
+- the gradient norms of the routers' first-layer token and profile weights (mean over the optimizer steps since the
+  last evaluation);
+- the country-level expert load: spread between seen countries (mean over experts of max - min of the mean gate)
+  and, for each held-out country, whether its load is nearest to a country of its own zone.
+
+One JSON row per (run, step) is printed and collected in ``--json``. With a constant learning rate the evaluation at
+step s of a longer run is the evaluation of an s-step run.
 """
 
 from __future__ import annotations
@@ -24,84 +34,185 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from cuma import demo, methods
+from cuma import demo
 from cuma.data.records import load_prepared
-from cuma.data.splits import prepare_wvb
-from cuma.data.synthetic import SynthConfig, write_synthetic
-from cuma.data.wvb import load_wvb
-from cuma.evaluate.choice import compute_metrics
-from cuma.evaluate.scoring import score_records
-from cuma.models import load_tokenizer
+from cuma.routing import Router, rms_normalise
+from cuma.train.callbacks import ValidationCurve
 
-# variant -> DemoConfig overrides ("cfg") and method option overrides ("options")
+# variant -> DemoConfig overrides ("cfg") and method option overrides ("options", CuMA methods only)
 VARIANTS = {
-    "base": {},  # the demo's settings: lr 5e-4 for everything, profile in the prompt
-    "lr2e-3": {"cfg": {"learning_rate": 2e-3}},  # a larger step size for every parameter
-    "router1e-2": {"cfg": {"router_learning_rate": 1e-2}},  # only the routers (and profile projection) faster
-    "router5e-3": {"cfg": {"router_learning_rate": 5e-3}},
-    "noprompt": {"options": {"profile_in_prompt": False}},  # the profile reaches the model only through the router
-    "binit": {"options": {"init_weights": False}},  # random B: the routers get gradient from the first step
+    "paper": {},  # the paper's CuMA: raw concat(h_t, e_d), default init
     "lr1e-3": {"cfg": {"learning_rate": 1e-3}},
-    "b4lr2e-3": {"cfg": {"batch_size": 4, "learning_rate": 2e-3}},  # half the tokens per step (CPU budget)
-    # the CPU demo's budget: adapters on the upper half of SmolLM2's 30 layers (no backward through the lower half)
-    "top15lr2e-3": {"cfg": {"learning_rate": 2e-3}, "options": {"layers_to_transform": list(range(15, 30))}},
+    "lr2e-3": {"cfg": {"learning_rate": 2e-3}},
+    "balanced": {"options": {"router_input_norm": "balanced"}},
+    "balanced_g4": {"options": {"router_input_norm": "balanced", "router_profile_gain": 4.0}},
+    "pinit": {"options": {"router_token_init_scale": 0.1}},
+    "balanced_pinit": {"options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1}},
+    "balanced_pinit0": {"options": {"router_input_norm": "balanced", "router_token_init_scale": 0.0}},
+    "balanced_pinit_lr1e-3": {"cfg": {"learning_rate": 1e-3},
+                              "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1}},
+    "balanced_pinit_lr2e-3": {"cfg": {"learning_rate": 2e-3},
+                              "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1}},
+    "balanced_pinit0_lr2e-3": {"cfg": {"learning_rate": 2e-3},
+                               "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.0}},
+    "balanced_pinit_top1_lr2e-3": {"cfg": {"learning_rate": 2e-3},
+                                   "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
+                                               "top_k": 1}},
+    "balanced_pinit_nobal_lr2e-3": {"cfg": {"learning_rate": 2e-3},
+                                    "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
+                                                "balance_loss_coef": 0.0}},
+    "balanced_top1": {"options": {"router_input_norm": "balanced", "top_k": 1}},
+    "balanced_pinit_lr1e-3_top1": {"cfg": {"learning_rate": 1e-3},
+                                   "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
+                                               "top_k": 1}},
+    "balanced_g2": {"options": {"router_input_norm": "balanced", "router_profile_gain": 2.0}},
+    "noprompt": {"options": {"profile_in_prompt": False}},
+    "binit": {"options": {"init_weights": False}},
+    "b16": {"cfg": {"batch_size": 16}},
+    "b16_balanced_pinit": {"cfg": {"batch_size": 16},
+                           "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1}},
 }
+LORA_OPTIONS = ("profile_in_prompt", "init_weights", "layers_to_transform")
 
 
-class ValidEval(TrainerCallback):
-    """Scores the valid pairs (and the routers' country separation) at the chosen global steps."""
+class RouterDiagnostics(TrainerCallback):
+    """Router gradient norms per optimizer step (token part and profile part of the first layer's weights)."""
 
-    def __init__(self, steps, tokenizer, data, profile_in_prompt: bool, uses_profile: bool, routed: bool, row: dict,
-                 sink):
-        self.steps, self.tokenizer, self.data = set(steps), tokenizer, data
-        self.profile_in_prompt, self.uses_profile, self.routed = profile_in_prompt, uses_profile, routed
-        self.row, self.sink, self.t0 = row, sink, time.perf_counter()
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step not in self.steps:
-            return
-        was_training = model.training
-        model.eval()
-        table = self.data.profile_embeds if self.uses_profile else None
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        tok, prof = [], []
+        for r in routers(model):
+            g = r.layers[0].weight.grad
+            if g is None:
+                continue
+            tok.append(float(g[:, : r.in_features].norm()))
+            if r.profile_dim:
+                prof.append(float(g[:, r.in_features :].norm()))
+        if tok:
+            self.steps.append({"grad_token": sum(tok) / len(tok), "grad_profile": sum(prof) / len(prof) if prof else None})
+
+    def take(self) -> dict:
+        rows, self.steps = self.steps, []
+        out = {}
+        for key in ("grad_token", "grad_profile"):
+            vals = [r[key] for r in rows if r[key] is not None]
+            out[key] = sum(vals) / len(vals) if vals else None
+        return out
+
+
+def routers(model):
+    return [m for m in model.modules() if isinstance(m, Router)]
+
+
+def router_input_parts(model, tokenizer, records, table, profile_in_prompt: bool) -> dict:
+    """Per routed layer (in model order): RMS of the token part and of the profile part of the first
+    pre-activation on ``records`` (non-pad tokens), and the between-profile spread of the profile part."""
+    from cuma.data.prompts import render_prompt
+
+    stats = []
+
+    def hook(module, args):
+        hidden, profile = args[0], (args[1] if len(args) > 1 else None)
+        w = module.layers[0].weight
+        h = hidden.to(w.dtype)
+        if module.input_norm == "balanced":
+            h = rms_normalise(h) * module.token_gain
+        tok = torch.nn.functional.linear(h, w[:, : module.in_features])
+        row = {"token_rms": float(tok[mask_now].pow(2).mean().sqrt())}
+        if module.profile_dim and profile is not None:
+            pe = profile.to(w.dtype)
+            if module.input_norm == "balanced":
+                pe = rms_normalise(pe) * module.profile_gain
+            prof = torch.nn.functional.linear(pe, w[:, module.in_features :])
+            row["profile_rms"] = float(prof.pow(2).mean().sqrt())
+            row["profile_spread"] = float((prof - prof.mean(0, keepdim=True)).pow(2).mean().sqrt())
+            row["token_spread"] = float((tok[mask_now] - tok[mask_now].mean(0, keepdim=True)).pow(2).mean().sqrt())
+        stats.append(row)
+
+    device = next(model.parameters()).device
+    texts = [render_prompt(r, tokenizer, profile_in_prompt=profile_in_prompt) for r in records]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    mask_now = enc["attention_mask"].bool()
+    extra = {}
+    if table is not None:
+        extra["profile_embeds"] = table[torch.as_tensor([r["profile_index"] for r in records])].to(device)
+    handles = [r.register_forward_pre_hook(hook) for r in routers(model)]
+    was = model.training
+    model.eval()
+    try:
         with torch.no_grad():
-            preds = score_records(model, self.tokenizer, self.data.valid, batch_size=64, profile_table=table,
-                                  profile_in_prompt=self.profile_in_prompt)
-            m = compute_metrics(preds, per_question=False)
-            row = {**self.row, "step": state.global_step, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-                   "emd": m["emd"]["mean"], "emd_expected": m["emd_expected"]["mean"], "entropy": m["entropy"],
-                   "seconds": round(time.perf_counter() - self.t0, 1)}
-            if self.routed:
-                load = demo.expert_load_by_country(model, self.tokenizer, self.data.valid, table, self.profile_in_prompt)
-                mat = torch.tensor(list(load.values()))
-                row["load_spread"] = round(float((mat.max(0).values - mat.min(0).values).mean()), 4)
-                row["load_max"] = round(float(mat.mean(0).max()), 4)
-        model.train(was_training)
-        self.sink(row)
+            model(**enc, **extra)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return stats
 
 
-def prepare(cfg: demo.DemoConfig, folder: Path, valid_pairs: int) -> None:
-    raw = folder / "raw"
-    write_synthetic(raw, SynthConfig(participants=cfg.participants, questions=cfg.questions, modes=cfg.modes,
-                                     countries=cfg.countries, seed=cfg.seed), overwrite=True)
-    prepare_wvb(load_wvb(raw), folder / "prepared", train_pairs=cfg.train_pairs, test_pairs=0,
-                valid_pairs=valid_pairs, seed=cfg.seed, overwrite=True)
+def load_summary(model, tokenizer, data, table, profile_in_prompt: bool, zone_of: dict, per_country: int) -> dict:
+    """Country-level routing: spread of the per-layer expert load between seen countries (mean over layers and
+    experts of max - min), mean routing similarity within / across zones, and for each held-out country whether the
+    seen country it is routed most alike is of its own zone."""
+    per_layer = demo.expert_load_by_country(model, tokenizer, data.valid, table, profile_in_prompt,
+                                            per_country=per_country, per_layer=True)
+    countries, sim = demo.routing_similarity(per_layer)
+    layers = sorted(next(iter(per_layer.values())))
+    seen = [c for c in countries if c not in HELD]
+    spread = []
+    for name in layers:
+        mat = torch.tensor([per_layer[c][name] for c in seen])
+        spread.append(float((mat.max(0).values - mat.min(0).values).mean()))
+    out = {"load_spread": round(sum(spread) / len(spread), 4)}
+    pos = {c: i for i, c in enumerate(countries)}
+    within = [sim[pos[a]][pos[b]] for a in seen for b in seen if a < b and zone_of[a] == zone_of[b]]
+    across = [sim[pos[a]][pos[b]] for a in seen for b in seen if a < b and zone_of[a] != zone_of[b]]
+    if within and across:
+        out["routing_sim_within_zone"] = round(sum(within) / len(within), 4)
+        out["routing_sim_across_zones"] = round(sum(across) / len(across), 4)
+    hits = []
+    for c in HELD:
+        if c in pos:
+            nearest = max(seen, key=lambda s: sim[pos[c]][pos[s]])
+            hits.append(zone_of.get(nearest) == zone_of.get(c))
+    if hits:
+        out["held_out_nearest_same_zone"] = sum(hits) / len(hits)
+    return out
+
+
+HELD: list[str] = []
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", default="base:lora,base:cuma", help="VARIANT:METHOD list, e.g. base:cuma,lr2e-3:lora")
+    p.add_argument("--runs", default="paper:lora,paper:cuma", help="VARIANT:METHOD list, e.g. paper:cuma,lr2e-3:lora")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
-    p.add_argument("--eval-at", default=None, help="steps to evaluate at, e.g. 30,100,300 (default: the last)")
+    p.add_argument("--eval-at", default=None, help="steps to evaluate at, e.g. 0,15,30,60 (default: the last)")
     p.add_argument("--train-pairs", type=int, default=None, help="default: the demo's")
-    p.add_argument("--valid-pairs", type=int, default=160, help="valid pairs made by --prepare-only")
-    p.add_argument("--valid-limit", type=int, default=None, help="score only the first N valid pairs")
+    p.add_argument("--valid-pairs", type=int, default=300, help="seen-country valid pairs made by --prepare-only")
+    p.add_argument("--held-out-valid-pairs", type=int, default=100, help="held-out-country valid pairs")
     p.add_argument("--data", default=None, help="data folder (raw/ + prepared/); made here when missing")
     p.add_argument("--prepare-only", action="store_true")
+    p.add_argument("--diagnose", action="store_true", help="router input parts, gradient norms, expert load")
+    p.add_argument("--valid-limit", type=int, default=None, help="score only the first N seen + N/2 held-out pairs")
+    p.add_argument("--load-prompts", type=int, default=4, help="prompts per country for the routing diagnostics")
     p.add_argument("--work", default="runs/demo_investigation")
     p.add_argument("--seed", type=int, default=0, help="training seed (the data keep the demo's seed 0)")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--mode-layout", default="random", choices=("map", "random"), help="the population's answer layout")
+    p.add_argument("--country-strength", type=float, default=None)
+    p.add_argument("--answer-width", type=float, default=None)
+    p.add_argument("--answer-noise", type=float, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    base_cfg = demo.DemoConfig(work=args.work)
+    # variants start from the paper's CuMA router and add their options explicitly
+    base_cfg = demo.DemoConfig(work=args.work, seed=args.data_seed, valid_pairs=args.valid_pairs,
+                               held_out_valid_pairs=args.held_out_valid_pairs, conditioning="paper",
+                               mode_layout=args.mode_layout)
+    for name in ("country_strength", "answer_width", "answer_noise"):
+        if getattr(args, name) is not None:
+            setattr(base_cfg, name, getattr(args, name))
     if args.steps:
         base_cfg.steps = args.steps
     if args.train_pairs:
@@ -109,13 +220,14 @@ def main() -> None:
     work = Path(args.work)
     folder = Path(args.data) if args.data else work / "data"
     if not (folder / "prepared").is_dir():
-        prepare(base_cfg, folder, args.valid_pairs)
+        demo.prepare_data(base_cfg, folder)
     if args.prepare_only:
         return
     prepared = folder / "prepared"
     data = load_prepared(prepared)
-    if args.valid_limit:
-        data = dataclasses.replace(data, valid=data.valid[: args.valid_limit])
+    truth = json.loads((folder / "raw" / "truth.json").read_text())
+    zone_of = {c: v.get("zone") for c, v in truth["countries"].items()}
+    HELD[:] = sorted({r["profile"]["country"] for r in data.valid if r["held_out"]})
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     eval_at = [int(s) for s in args.eval_at.split(",")] if args.eval_at else [base_cfg.steps]
@@ -132,7 +244,14 @@ def main() -> None:
             tmp.write_text(json.dumps(rows, indent=2))
             tmp.replace(args.json)
 
+    from cuma.models import load_tokenizer
+
     tok = load_tokenizer("smollm2-135m")
+    probe = [r for r in data.valid if not r["held_out"]][:16]
+    if args.valid_limit:
+        seen_v = [r for r in data.valid if not r["held_out"]][: args.valid_limit]
+        held_v = [r for r in data.valid if r["held_out"]][: args.valid_limit // 2]
+        data = dataclasses.replace(data, valid=seen_v + held_v)
     for item in args.runs.split(","):
         variant, method = item.split(":")
         spec = VARIANTS[variant]
@@ -140,14 +259,37 @@ def main() -> None:
         cfg.seed = args.seed  # after the data were made: the seed of the training run only
         options = dict(spec.get("options", {}))
         if method == "lora":  # the routing options do not apply to LoRA
-            options = {k: v for k, v in options.items()
-                       if k in ("profile_in_prompt", "init_weights", "layers_to_transform")}
+            options = {k: v for k, v in options.items() if k in LORA_OPTIONS}
+        if method == "cuma-semantic":
+            options.pop("router_profile_gain", None)
         pip = options.get("profile_in_prompt", True)
-        uses_profile, routed = methods.get_spec(method).profile_routing, method.startswith("cuma")
-        cb = ValidEval(eval_at, tok, data, profile_in_prompt=pip, uses_profile=uses_profile, routed=routed, row={"variant": variant, "method": method, "train_pairs": len(data.train),
-                                           "seed": args.seed},
-                       sink=sink)
-        demo._train(cfg, method, prepared, work / variant / "adapters" / method, options=options, callbacks=[cb])
+        uses_profile = method in ("cuma", "cuma-soft")
+        table = data.profile_embeds if uses_profile else None
+        routed = method.startswith("cuma")
+        grads = RouterDiagnostics()
+        t0 = time.perf_counter()
+
+        def extra(model, _table=table, _pip=pip, _routed=routed, _grads=grads):
+            out = {"seconds": round(time.perf_counter() - t0, 1)}
+            if args.diagnose and _routed:
+                parts = router_input_parts(model, tok, probe, _table, _pip)
+                out["router_parts"] = parts
+                for key in ("token_rms", "profile_rms", "profile_spread", "token_spread"):
+                    vals = [s[key] for s in parts if key in s]
+                    if vals:
+                        out[f"mean_{key}"] = round(sum(vals) / len(vals), 4)
+                out.update(_grads.take())
+                out.update(load_summary(model, tok, data, _table, _pip, zone_of, args.load_prompts))
+            return out
+
+        curve = ValidationCurve(
+            eval_at, tok, data.valid, profile_table=table, profile_in_prompt=pip, batch_size=64,
+            sink=lambda row, v=variant, m=method: sink({"variant": v, "method": m, "seed": args.seed,
+                                                       "train_pairs": len(data.train), **row}),
+            extra=extra,
+        )
+        callbacks = [curve] + ([grads] if args.diagnose and routed else [])
+        demo._train(cfg, method, prepared, work / variant / "adapters" / method, options=options, callbacks=callbacks)
 
 
 if __name__ == "__main__":

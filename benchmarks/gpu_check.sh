@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# GPU check (under 5 minutes on one H100): CuMA vs LoRA training steps on a ~1B-parameter Qwen3-style model with
-# random bf16 weights at sequence length 1024; prints tokens/s, peak memory and their CuMA/LoRA ratios.
-#   bash benchmarks/gpu_check.sh              # on a CUDA machine; JSON also written to ${OUT:-.}/gpu_check.json
-#   bash benchmarks/gpu_check.sh --dry-run    # on a CPU: the same code path on a tiny model
+# GPU check, one command, under 5 minutes on one H100/H200: LoRA r=64 vs CuMA r=64 (reference path, fast path, the
+# per-expert loop, and the fast path's parts) on a ~1B-parameter Qwen3-style model with random bf16 weights, batch
+# 4 x 1024: training tokens/s, step time, peak memory, generation tokens/s at batch 16 with mixed profiles, the ratios
+# and the issue-15 targets.
+#   bash benchmarks/gpu_check.sh              # on a CUDA machine; JSON to ${OUT:-benchmarks/results}/gpu_check_<date>.json
+#   bash benchmarks/gpu_check.sh --dry-run    # on a CPU: the same code path on a tiny model (JSON to ${OUT:-/tmp})
+# Needs torch with CUDA and triton (pip install triton; the CUDA wheels of torch bring it) in the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python}
 if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
 if [ "${1:-}" != "--dry-run" ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; fi
-exec timeout 290 "$PY" benchmarks/gpu_check.py --json "${OUT:-.}/gpu_check.json" "$@"
+DEST=${OUT:-benchmarks/results}
+if [ "${1:-}" = "--dry-run" ]; then DEST=${OUT:-${TMPDIR:-/tmp}}; fi  # a CPU dry run is not a result
+mkdir -p "$DEST"
+exec timeout 295 "$PY" benchmarks/gpu_check.py --json "$DEST/gpu_check_$(date -u +%Y-%m-%dT%H%M%S).json" "$@"

@@ -9,7 +9,8 @@ from conftest import batch, profiles, tiny_llama
 
 import cuma
 from cuma.routing import Router, switch_balance_loss, topk_gates
-from cuma.tuners.cuma.layer import CuMALayer, Linear, RoutingContext
+from cuma.routing_state import RoutingScope
+from cuma.tuners.cuma.layer import CuMALayer, Linear
 
 
 def make_layer(d_in=12, d_out=10, profile_dim=5, seed=0, **cfg):
@@ -18,9 +19,9 @@ def make_layer(d_in=12, d_out=10, profile_dim=5, seed=0, **cfg):
     options = dict(r=3, lora_alpha=6, num_experts=4, top_k=2, profile_dim=profile_dim, router_hidden=8, init_weights=False)
     options.update(cfg)
     config = cuma.CuMAConfig(target_modules=["x"], **options)
-    ctx = RoutingContext()
-    layer = Linear(base, "default", config, ctx)
-    return layer, ctx, config
+    scope = RoutingScope("cuma")
+    layer = Linear(base, "default", config, scope)
+    return layer, scope, config
 
 
 def loop_oracle(layer: CuMALayer, x, profile):
@@ -54,11 +55,11 @@ def loop_oracle(layer: CuMALayer, x, profile):
 @pytest.mark.parametrize("shared_A", [False, True])
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_dense_equals_loop_oracle_outputs_and_grads(shared_A, use_rslora):
-    layer, ctx, _ = make_layer(shared_A=shared_A, use_rslora=use_rslora)
+    layer, scope, _ = make_layer(shared_A=shared_A, use_rslora=use_rslora)
     x = torch.randn(3, 6, 12, requires_grad=True)
     e = torch.randn(3, 5)
-    ctx.rows_profile = e
-    y = layer(x)
+    with scope.call(profile_rows=e):
+        y = layer(x)
     params = [layer.cuma_A["default"], layer.cuma_B["default"], *layer.cuma_router["default"].parameters()]
     w = torch.randn_like(y)
     grads = torch.autograd.grad((y * w).sum(), [x, *params])
@@ -126,10 +127,10 @@ def test_router_depth_configurable():
 
 
 def test_two_profiles_route_the_same_text_differently():
-    layer, ctx, _ = make_layer(profile_dim=5, seed=3)
+    layer, scope, _ = make_layer(profile_dim=5, seed=3)
     x = torch.randn(1, 8, 12).repeat(2, 1, 1)
-    ctx.rows_profile = torch.stack([torch.full((5,), 3.0), torch.full((5,), -3.0)])
-    with cuma.record_gates(torch.nn.Sequential(layer)) as rec:
+    e = torch.stack([torch.full((5,), 3.0), torch.full((5,), -3.0)])
+    with cuma.record_gates(torch.nn.Sequential(layer)) as rec, scope.call(profile_rows=e):
         layer(x)
     g = next(iter(rec.gates.values()))[0]
     assert not torch.equal(g[0].argmax(-1), g[1].argmax(-1)) or not torch.allclose(g[0], g[1])
@@ -137,16 +138,15 @@ def test_two_profiles_route_the_same_text_differently():
 
 
 def test_semantic_only_routing_needs_no_profile():
-    layer, ctx, _ = make_layer(profile_dim=0)
+    layer, _, _ = make_layer(profile_dim=0)
     assert layer.cuma_router["default"].profile_dim == 0
-    y = layer(torch.randn(2, 4, 12))
+    y = layer(torch.randn(2, 4, 12))  # also outside any call: nothing to read
     assert y.shape == (2, 4, 10)
 
 
 def test_soft_routing_uses_all_experts():
-    layer, ctx, _ = make_layer(soft_routing=True)
-    ctx.rows_profile = torch.randn(2, 5)
-    with cuma.record_gates(torch.nn.Sequential(layer)) as rec:
+    layer, scope, _ = make_layer(soft_routing=True)
+    with cuma.record_gates(torch.nn.Sequential(layer)) as rec, scope.call(profile_rows=torch.randn(2, 5)):
         layer(torch.randn(2, 4, 12))
     g = next(iter(rec.gates.values()))[0]
     assert ((g > 0).sum(-1) == 4).all()
@@ -197,3 +197,48 @@ def test_balance_term_excludes_padding():
     # the same batch without its mask counts the pads and gives a different term
     model(input_ids=padded_ids, profile_embeds=e)
     assert not torch.allclose(cuma.pop_balance_loss(model), unpadded)
+
+
+def test_balanced_router_inputs_scale_each_part_to_unit_rms():
+    torch.manual_seed(0)
+    r = Router(6, 4, 3, hidden=5, num_layers=2, input_norm="balanced", profile_gain_init=2.0)
+    assert float(r.token_gain) == 1.0 and float(r.profile_gain) == 2.0
+    x, e = torch.randn(2, 7, 6) * 9.0, torch.nn.functional.normalize(torch.randn(2, 4), dim=-1)
+    xn = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    en = 2.0 * e / e.pow(2).mean(-1, keepdim=True).sqrt()
+    cat = torch.cat([xn, en[:, None].expand(-1, 7, -1)], -1)
+    ref = r.layers[1](torch.relu(r.layers[0](cat)))
+    torch.testing.assert_close(r(x, e), ref, rtol=1e-5, atol=1e-5)
+    # the scale of the raw input no longer matters; the gains are trained
+    torch.testing.assert_close(r(x * 100, e * 0.5), ref, rtol=1e-4, atol=1e-4)
+    r(x, e).sum().backward()
+    assert r.token_gain.grad is not None and r.profile_gain.grad is not None
+
+
+def test_token_init_scale_makes_the_first_routing_follow_the_profile():
+    torch.manual_seed(0)
+    ref = Router(6, 4, 3, hidden=5)
+    torch.manual_seed(0)
+    small = Router(6, 4, 3, hidden=5, token_init_scale=0.1)
+    torch.testing.assert_close(small.layers[0].weight[:, :6], 0.1 * ref.layers[0].weight[:, :6])
+    torch.testing.assert_close(small.layers[0].weight[:, 6:], ref.layers[0].weight[:, 6:])
+    with pytest.raises(ValueError, match="input_norm"):
+        Router(6, 4, 3, input_norm="layer")
+
+
+def test_fast_conditioning_options_are_saved_and_reloaded(tmp_path):
+    base = tiny_llama()
+    cfg = cuma.CuMAConfig(r=2, lora_alpha=4, num_experts=4, profile_dim=16, router_input_norm="balanced",
+                          router_profile_gain=3.0, router_token_init_scale=0.1, init_weights=False)
+    model = peft.get_peft_model(base, cfg).eval()
+    model.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    c = loaded.peft_config["default"]
+    assert (c.router_input_norm, c.router_profile_gain, c.router_token_init_scale) == ("balanced", 3.0, 0.1)
+    ids, mask = batch()
+    e = profiles()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask, profile_embeds=e).logits,
+                                   model(input_ids=ids, attention_mask=mask, profile_embeds=e).logits)
+    with pytest.raises(ValueError, match="router_input_norm"):
+        cuma.CuMAConfig(router_input_norm="layer")

@@ -90,7 +90,8 @@ class LayerProbe:
 
     def hook(self, module, args, output):
         x = args[0]
-        rows = module._routing_ctx.rows_profile
+        call = module._routing_scope.current()
+        rows = call.profile_rows if call is not None else None
         self.calls += 1
         if rows is None or rows.shape[0] != x.shape[0]:
             self.bad.append(("rows", None if rows is None else tuple(rows.shape), tuple(x.shape)))

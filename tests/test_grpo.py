@@ -41,6 +41,48 @@ def test_reward_fn_scores_win_tie_loss_in_both_orders():
                          completions=[[{"role": "assistant", "content": c}] for c in ("longer", "ab", "x")],
                          reference=["ab", "ab", "ab"], profile_text=["p"] * 3))
     assert out == [1.0, 0.5, 0.0]
+    assert fn.verdict_tally.totals == {"rewards": 3, "fallback_rewards": 0, "unparseable_verdicts": 0}
+
+
+class MumblingJudge(FakeJudge):
+    """A weak judge: its replies never parse (like SmolLM2 served by llama.cpp as judge)."""
+
+    async def compare(self, prompt, profile_text, answer_a, answer_b):
+        await super().compare(prompt, profile_text, answer_a, answer_b)
+        return None
+
+
+def test_reward_fn_counts_fallback_rewards_and_unparseable_verdicts():
+    from cuma.evaluate.judges import Judge
+    from cuma.train.grpo import judge_reward_fn
+
+    fn = judge_reward_fn(MumblingJudge())
+    kw = dict(prompts=["q"] * 3, completions=["a", "b", "c"], reference=["r"] * 3, profile_text=["p"] * 3)
+    assert asyncio.run(fn(**kw)) == [0.5, 0.5, 0.5]
+    assert fn.verdict_tally.pop() == {"rewards": 3, "fallback_rewards": 3, "unparseable_verdicts": 6}
+    assert fn.verdict_tally.pop() == {"rewards": 0, "fallback_rewards": 0, "unparseable_verdicts": 0}
+    assert isinstance(fn.judge, Judge) and fn.judge.stats["reward_invalid"] == 3  # cuma.evaluate.judges' reward
+
+
+def test_grpo_with_a_judge_that_never_parses_warns_and_counts_per_step(tiny_model_dir, pref_dir, sft_outputs,  # noqa: F811
+                                                                        tmp_path):
+    import json
+
+    from cuma.train.grpo import run_grpo
+
+    with pytest.warns(UserWarning, match=r"of \d+ judge rewards are the 0.5 fallback"):
+        run = run_grpo(grpo_config(tiny_model_dir, pref_dir, sft_outputs["lora"], tmp_path / "out"),
+                       judge=MumblingJudge())
+    validity = run["reward_validity"]
+    assert validity["rewards"] > 0 and validity["fallback_rewards"] == validity["rewards"]
+    assert validity["fallback_fraction"] == 1.0 and validity["unparseable_verdicts"] == 2 * validity["rewards"]
+    assert validity["per_generation_batch"] and all(b["fallback_rewards"] == b["rewards"]
+                                                    for b in validity["per_generation_batch"])
+    steps = [h for h in run["log_history"] if "judge/fallback_fraction" in h]
+    assert len(steps) == run["global_step"] and all(h["judge/fallback_fraction"] == 1.0 for h in steps)
+    assert all(h["judge/unparseable_verdicts"] > 0 for h in steps)
+    on_disk = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert on_disk["reward_validity"]["fallback_fraction"] == 1.0
 
 
 def test_prompt_rows_one_per_turn_with_the_chosen_reference(pref_dir):  # noqa: F811
@@ -94,6 +136,7 @@ def test_grpo_two_steps_cuma_profile_in_generation_and_logprob_passes(tiny_model
     assert judge.calls and {c[0] for c in judge.calls} <= set(__import__("test_dpo").PROFILES)
     assert any("balance_loss" in h for h in run["log_history"])
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert run["reward_validity"]["rewards"] > 0 and run["reward_validity"]["fallback_rewards"] == 0
 
 
 def test_grpo_two_steps_lora_with_a_plain_reward(tiny_model_dir, pref_dir, sft_outputs, tmp_path):  # noqa: F811

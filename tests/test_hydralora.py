@@ -52,7 +52,7 @@ def test_config_defaults_and_validation():
     assert c.router_layers == 1 and not c.router_has_bias
     assert HydraLoRAConfig(router_hidden=256).router_has_bias
     assert HydraLoRAConfig(r=4, lora_alpha=8, use_rslora=True).scaling == pytest.approx(4.0)
-    for bad in (dict(r=0), dict(num_experts=0), dict(router_hidden=-1), dict(lora_dropout=1.0), dict(bias="all")):
+    for bad in (dict(r=0), dict(num_experts=0), dict(router_hidden=-1), dict(lora_dropout=1.0), dict(bias="lora_only")):
         with pytest.raises(ValueError):
             HydraLoRAConfig(**bad)
 

@@ -110,6 +110,40 @@ def test_request_key_and_verdict(server, monkeypatch):
     assert "sk-secret" not in repr(j) and "sk-secret" not in json.dumps(j.describe())
 
 
+@pytest.mark.parametrize("url, warns", [
+    ("http://judge.example.org/v1", True),
+    ("http://10.0.0.7:8000/v1", True),
+    ("http://127.0.0.1:8080/v1", False),
+    ("http://127.3.4.5/v1", False),
+    ("http://localhost:8080/v1", False),
+    ("http://[::1]:8080/v1", False),
+    ("https://api.openai.com/v1", False),
+])
+def test_bearer_key_over_plain_http_to_another_host_warns(url, warns, monkeypatch):
+    import warnings
+
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-secret-123")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        j = HTTPJudge(url, "judge-model", api_key_env="MY_JUDGE_KEY")
+        headers = j._headers()
+        j._headers()
+        j.close()
+    assert headers["Authorization"] == "Bearer sk-secret-123"
+    messages = [str(w.message) for w in caught if "plain http://" in str(w.message)]
+    assert len(messages) == (1 if warns else 0)  # once per judge, not per request
+    if warns:
+        assert "MY_JUDGE_KEY" in messages[0] and "https://" in messages[0] and "sk-secret" not in messages[0]
+    # no key in the environment: nothing is sent, nothing to warn about
+    monkeypatch.delenv("MY_JUDGE_KEY")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        j = HTTPJudge(url, "judge-model", api_key_env="MY_JUDGE_KEY")
+        assert "Authorization" not in j._headers()
+        j.close()
+    assert not [w for w in caught if "plain http://" in str(w.message)]
+
+
 def test_5xx_then_success(server):
     server.script = [("status", 500), ("status", 503), ("ok", "B")]
     j = judge(server)

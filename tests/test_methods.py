@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cuma import methods
+from cuma.evaluate.fewshot import select_fewshot
 from conftest import batch, profiles, tiny_llama
 
 ALL_METHODS = {
@@ -345,45 +346,45 @@ def _records():
 def test_fewshot_same_country_when_enough():
     recs = _records()
     target = recs[0]
-    shots = methods.select_fewshot(recs, target, k=4, seed=0)
+    shots = select_fewshot(recs, target, k=4, seed=0)
     assert len(shots) == 4
     assert all(s["country"] == "EG" for s in shots)
     assert target not in shots and len({s["id"] for s in shots}) == 4
     # exactly k same-country records besides the target: all of them
-    shots = methods.select_fewshot(recs, target, k=5, seed=0)
+    shots = select_fewshot(recs, target, k=5, seed=0)
     assert sorted(s["id"] for s in shots) == [1, 2, 3, 4, 5]
 
 
 def test_fewshot_random_fallback_and_exclusion():
     recs = _records()
     target = recs[12]  # JP has only one other record
-    shots = methods.select_fewshot(recs, target, k=3, seed=0)
+    shots = select_fewshot(recs, target, k=3, seed=0)
     assert len(shots) == 3 and all(s["id"] != 12 for s in shots)
     assert any(s["country"] != "JP" for s in shots)
     # an identical copy of the target is never a shot; asking for more than exist gives all the others
     copy = dict(target)
-    shots = methods.select_fewshot(recs, copy, k=100, seed=0)
+    shots = select_fewshot(recs, copy, k=100, seed=0)
     assert len(shots) == len(recs) - 1 and all(s["id"] != 12 for s in shots)
     # target without the key: random
-    shots = methods.select_fewshot(recs, {"id": 99}, k=2, seed=0)
+    shots = select_fewshot(recs, {"id": 99}, k=2, seed=0)
     assert len(shots) == 2
-    assert methods.select_fewshot(recs, target, k=0) == []
+    assert select_fewshot(recs, target, k=0) == []
     with pytest.raises(ValueError):
-        methods.select_fewshot(recs, target, k=-1)
+        select_fewshot(recs, target, k=-1)
 
 
 def test_fewshot_is_seeded_and_deterministic():
     recs = _records()
-    a = methods.select_fewshot(recs, recs[6], k=3, seed=1)
-    b = methods.select_fewshot(list(recs), dict(recs[6]), k=3, seed=1)
+    a = select_fewshot(recs, recs[6], k=3, seed=1)
+    b = select_fewshot(list(recs), dict(recs[6]), k=3, seed=1)
     assert [s["id"] for s in a] == [s["id"] for s in b]
-    picks = {tuple(s["id"] for s in methods.select_fewshot(recs, recs[6], k=3, seed=s)) for s in range(10)}
+    picks = {tuple(s["id"] for s in select_fewshot(recs, recs[6], k=3, seed=s)) for s in range(10)}
     assert len(picks) > 1  # the seed matters
 
 
 def test_fewshot_key_may_live_in_the_profile():
     recs = [{"id": i, "profile": {"country": "EG" if i % 2 else "SE"}} for i in range(10)]
-    shots = methods.select_fewshot(recs, recs[1], k=3, seed=0)
+    shots = select_fewshot(recs, recs[1], k=3, seed=0)
     assert all(s["profile"]["country"] == "EG" for s in shots) and recs[1] not in shots
-    shots = methods.select_fewshot(recs, recs[1], k=3, seed=0, key="profile.country")
+    shots = select_fewshot(recs, recs[1], k=3, seed=0, key="profile.country")
     assert all(s["profile"]["country"] == "EG" for s in shots)

@@ -127,6 +127,11 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     proc = subprocess.run([sys.executable, str(path), "--dry-run", "--json", str(tmp_path / "g.json")],
                           capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ratio cuma/lora" in proc.stdout
+    assert "ratio cuma_fast/lora tokens_per_s" in proc.stdout
     data = json.loads((tmp_path / "g.json").read_text())
-    assert [r["method"] for r in data["runs"]] == ["cuma", "lora"] and data["ratio_tokens_per_s"] > 0
+    assert data["device"] == "cpu"
+    for name in ("lora", "cuma_reference", "cuma_fast", "cuma_loop"):
+        m = data["methods"][name]
+        assert "error" not in m, m.get("traceback")
+        assert m["tokens_per_s"] > 0 and "peak_memory_gib" in m and m["generate_tokens_per_s"] > 0
+    assert data["ratios"]["cuma_fast/cuma_reference tokens_per_s"] > 0

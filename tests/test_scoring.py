@@ -164,7 +164,7 @@ def test_fewshot_prompts_use_training_records():
     assert len(prompts[0]) > len(plain[0])
     assert prompts[0].count("<|im_start|>assistant") == 3  # two shots + the generation prompt
     # the per-group shortcut picks exactly the shots select_fewshot picks from the whole pool
-    from cuma.methods import select_fewshot
+    from cuma.evaluate.fewshot import select_fewshot
 
     pool = pool + [dict(pool[0], id=f"x{i}", participant_id=f"x{i}") for i in range(4)]
     pool.append(dict(pool[0], id="y", participant_id="y", profile={"age_group": "25-34"}))

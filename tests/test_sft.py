@@ -192,3 +192,46 @@ def test_extra_callbacks_reach_the_trainer(tiny_model_dir, tiny_prepared, tmp_pa
 
     run_sft(config(tiny_model_dir, tiny_prepared, tmp_path / "out", "cuma", steps=3), callbacks=[Steps()])
     assert seen == [(1, True), (2, True), (3, True)]
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
+def test_router_learning_rate_keeps_the_trainer_optimizer(optim, tmp_path):
+    """router_learning_rate only adds groups: the optimizer class, betas and epsilon are the Trainer's (``optim``),
+    biases and norms are not decayed, and the routers / profile projection get their own learning rate."""
+    import peft
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    torch.manual_seed(0)
+    cfg = cuma.CuMAConfig(r=2, lora_alpha=4, num_experts=3, profile_dim=16, router_hidden=8, profile_proj_layers=1)
+    model = peft.get_peft_model(tiny_llama(), cfg)
+    for n, p in model.named_parameters():  # a trainable norm, to see it is not decayed
+        if n.endswith("model.norm.weight"):
+            p.requires_grad_(True)
+    args = SFTConfig(output_dir=str(tmp_path), report_to="none", max_steps=1, bf16=False, optim=optim,
+                     learning_rate=1e-4, adam_beta1=0.8, adam_beta2=0.9, adam_epsilon=1e-6, weight_decay=0.1,
+                     dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
+    trainer = ProfileSFTTrainer(model=model, args=args, processing_class=tiny_chat_tokenizer(),
+                                train_dataset=Dataset.from_list([{"input_ids": [1, 2]}]), data_collator=lambda x: x,
+                                router_learning_rate=1e-2)
+    opt = trainer.create_optimizer()
+    expected_cls, expected_kwargs = trainer.get_optimizer_cls_and_kwargs(args, model)
+    assert type(opt) is expected_cls and type(opt) is (torch.optim.AdamW if optim == "adamw_torch" else torch.optim.SGD)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = []
+    for group in opt.param_groups:
+        group_names = [names[id(p)] for p in group["params"]]
+        seen += group_names
+        routed = {("router" in n or "profile_proj" in n) for n in group_names}
+        assert len(routed) == 1  # a group is all router parameters or none
+        assert group["lr"] == (1e-2 if routed == {True} else 1e-4)
+        no_decay = {n.endswith("bias") or "norm" in n for n in group_names}
+        assert len(no_decay) == 1 and group["weight_decay"] == (0.0 if no_decay == {True} else 0.1)
+        if optim == "adamw_torch":
+            assert group["betas"] == (0.8, 0.9) and group["eps"] == 1e-6
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(seen) == sorted(trainable)  # every trainable parameter exactly once
+    assert any("cuma_profile_proj" in n for n in seen) and any(n.endswith("model.norm.weight") for n in seen)
+    # the scheduler keeps each group's learning rate
+    trainer.create_scheduler(num_training_steps=1, optimizer=opt)
+    assert sorted({g["lr"] for g in opt.param_groups}) == [1e-4, 1e-2]

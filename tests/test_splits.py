@@ -16,7 +16,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "wvb_tiny"
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth") / "wvb"
-    write_synthetic(root, SynthConfig(participants=300, questions=10, modes=3, seed=5, countries=6))
+    write_synthetic(root, SynthConfig(participants=300, questions=10, modes=3, seed=5, countries=6, country_set="invented"))
     return load_wvb(root)
 
 

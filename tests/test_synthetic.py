@@ -248,3 +248,81 @@ def test_cli_synth_with_prepare(tmp_path, capsys):
     held = {r["profile_text"] for r in zs.test}
     assert held and not held & {r["profile_text"] for r in zs.train}
     assert zs.manifest["options"]["holdout"] == {"countries": [], "fraction": 0.25, "test_keeps_seen": False}
+
+
+# ------------------------------------------------------------------------------------- real countries by cultural zone
+
+ZONE_CFG = SynthConfig(participants=800, questions=6, modes=4, countries=16, seed=0,
+                       zones=("Protestant Europe", "Orthodox Europe", "Confucian", "Latin America"),
+                       profile_fields=("B_COUNTRY", "X003R", "Q260", "Q289"), country_strength=3.0)
+
+
+def test_zone_population_countries_share_their_zones_mode():
+    from cuma.data.synthetic import ZONES
+
+    pop = generate(ZONE_CFG)
+    countries = pop.truth["countries"]
+    assert len(countries) == 16
+    by_zone = {}
+    for name, info in countries.items():
+        assert name in [c[0] for c in ZONES[info["zone"]]]
+        by_zone.setdefault(info["zone"], set()).add(info["dominant_mode"])
+    assert set(by_zone) == set(ZONE_CFG.zones) and all(len(m) == 1 for m in by_zone.values())
+    assert len({next(iter(m)) for m in by_zone.values()}) == 4  # as many modes as zones: one each
+    # each country's average mode is its zone's (religion leans the same way with real zones)
+    by_country = {}
+    for text, info in pop.truth["profiles"].items():
+        country = text.split("Country: ", 1)[1].split(".", 1)[0]
+        by_country.setdefault(country, []).append(info["mode_probs"])
+    for country, probs in by_country.items():
+        assert int(np.mean(probs, axis=0).argmax()) == countries[country]["dominant_mode"], country
+
+
+def test_profile_fields_limit_the_profile_sentence(tmp_path):
+    write_synthetic(tmp_path / "z", ZONE_CFG)
+    data = load_wvb(tmp_path / "z")
+    texts = {p.to_text() for part in data.splits.values() for p in part.profiles}
+    assert all(t.startswith("Country: ") and "Education" not in t and "Marital" not in t for t in texts)
+    assert any("Religion: " in t for t in texts) and any("Age group: " in t for t in texts)
+    assert texts == set(load_truth(tmp_path / "z")["profiles"])
+
+
+def test_invented_country_set_keeps_the_no_prior_names():
+    from cuma.data.synthetic import COUNTRIES
+
+    pop = generate(SynthConfig(participants=200, questions=4, modes=3, countries=5, country_set="invented", seed=0))
+    assert sorted(pop.truth["countries"]) == sorted(c[0] for c in COUNTRIES[:5])
+    assert all(v["zone"] is None for v in pop.truth["countries"].values())
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(country_set="atlantis"), "country-set"),
+    (dict(zones=("Narnia",)), "unknown zone"),
+    (dict(zones=("Confucian", "Confucian")), "twice"),
+    (dict(profile_fields=("X003R",)), "B_COUNTRY"),
+    (dict(countries=49), "countries must be 2..48"),
+])
+def test_zone_options_are_checked(bad, match):
+    with pytest.raises(ValueError, match=match):
+        generate(SynthConfig(participants=100, questions=4, **bad))
+
+
+def test_stratified_held_out_pairs(tmp_path):
+    from cuma.data.splits import prepare_wvb
+
+    write_synthetic(tmp_path / "raw", ZONE_CFG)
+    manifest = prepare_wvb(load_wvb(tmp_path / "raw"), tmp_path / "prep", train_pairs=50, test_pairs=30,
+                           valid_pairs=20, seed=0, holdout_countries=["Sweden", "China"], holdout_test_keeps_seen=True,
+                           held_out_pairs={"test": 25, "valid": 10}, encoder=None)
+    data = load_prepared(tmp_path / "prep", embeddings=False)
+    for split, seen_n, held_n in (("test", 30, 25), ("valid", 20, 10)):
+        recs = data.split(split)
+        held = [r for r in recs if r["held_out"]]
+        assert len(recs) == seen_n + held_n and len(held) == held_n
+        assert all(r["profile"]["country"] in ("Sweden", "China") for r in held)
+        assert not any(r["profile"]["country"] in ("Sweden", "China") for r in recs if not r["held_out"])
+    assert not any(r["profile"]["country"] in ("Sweden", "China") for r in data.train)
+    assert manifest["options"]["holdout"]["held_out_pairs"] == {"test": 25, "valid": 10}
+    with pytest.raises(ValueError, match="no profile is held out"):
+        prepare_wvb(load_wvb(tmp_path / "raw"), tmp_path / "p2", train_pairs=5, test_pairs=5, seed=0,
+                    held_out_pairs={"test": 5}, encoder=None)

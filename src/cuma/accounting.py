@@ -39,8 +39,9 @@ def load_config(model: Any):
     if embedded is not None:
         return embedded
     if os.path.isfile(ref):
-        with open(ref) as fh:
-            data = json.load(fh)
+        from .runinfo import read_json
+
+        data = read_json(ref, dict, what="a transformers config.json")
         if "model_type" not in data:
             raise ValueError(f"{ref} has no 'model_type': not a transformers config.json")
         return load_config(data)

@@ -191,7 +191,7 @@ def analyze_routing(
     from . import methods
     from .data.records import load_prepared
     from .models import load_base_and_tokenizer
-    from .runinfo import atomic_write_json, atomic_write_text, environment_record
+    from .runinfo import atomic_write_json, atomic_write_text, environment_record, staged_directory
 
     if labels is not None and len(labels) != len(adapters):
         raise ValueError(f"{len(labels)} labels for {len(adapters)} adapters")
@@ -204,78 +204,78 @@ def analyze_routing(
     records = data.split(split)
     if not records:
         raise ValueError(f"{data_dir}: split {split!r} has no records")
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {
-        "config": {"model": str(model_name), "adapters": [str(a) for a in adapters], "data": str(data_dir),
-                   "split": split, "group_field": group_field, "layers": layers, "limit": limit,
-                   "batch_size": batch_size, "human_source": human_source, "human_splits": list(human_splits),
-                   "profile_in_prompt": profile_in_prompt, "device": device, "dtype": dtype},
-        "distance": "Jensen-Shannon divergence, base 2 (0..1); maps and dendrograms use its square root",
-        "runs": {},
-    }  # fmt: skip
-    human = None
-    used_labels: list[str] = []
-    for i, adapter in enumerate(adapters):
-        base, tok = load_base_and_tokenizer(model_name, dtype=dtype, device=device)
-        built = methods.load(None, base, adapter)
-        label = labels[i] if labels else built.name
-        if label in used_labels:
-            label = f"{label} ({Path(adapter).name})"
-        used_labels.append(label)
-        table = None
-        if built.uses_profile:
-            if data.profile_embeds is None:
-                raise ValueError(f"{data_dir} has no profile_embeds.safetensors, which {built.name} routes on")
-            if data.profile_embeds.shape[1] != built.profile_dim:
-                raise ValueError(f"profile_embeds width {data.profile_embeds.shape[1]} != the adapter's profile_dim "
-                                 f"{built.profile_dim}")  # fmt: skip
-            table = data.profile_embeds
-        pip = built.profile_in_prompt if profile_in_prompt is None else profile_in_prompt
-        t0 = time.perf_counter()
-        stats = topo.collect_routing(
-            built.model.eval(), tok, records, group_field=group_field, profile_table=table, profile_in_prompt=pip,
-            batch_size=batch_size, limit=limit or None, progress=_progress(progress, label),
-        )  # fmt: skip
-        seconds = time.perf_counter() - t0
-        if human is None:
-            human = human_side(data, stats.groups, group_field, human_source, human_splits)
-            result["groups"] = list(stats.groups)
-            result["held_out"] = dict(stats.held_out)
-            hd = human["distance"]
-            result["human"] = {"source": human_source, "splits": list(human_splits), "distance": _matrix(hd),
-                               "shared_questions": human["shared_questions"].tolist()}  # fmt: skip
-            hdist = np.sqrt(np.clip(np.nan_to_num(hd, nan=np.nanmax(hd) if np.isfinite(hd).any() else 1.0), 0, None))
-            topo.plot_dendrogram(topo.average_linkage(hdist), stats.groups, out_dir / "human_dendrogram.png",
-                                 title="groups by human answer distance", held_out=stats.held_out)  # fmt: skip
-            topo.plot_group_map(topo.classical_mds(hdist, 2), stats.groups, stats.held_out, out_dir / "human_map.png",
-                                title="groups by human answer distance (MDS)")  # fmt: skip
-            result["figures"] = ["human_dendrogram.png", "human_map.png"]
-        elif list(stats.groups) != result["groups"]:
-            raise ValueError("adapters routed different groups (same data and --limit should give the same groups)")
-        chosen = topo.select_layers(stats.layers, layers)
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
-        rep = routing_report(stats, human["distance"], chosen, out_dir / safe, title=label)
-        rep.update({"method": built.name, "adapter": str(adapter), "profile_in_prompt": pip,
-                    "uses_profile": bool(built.uses_profile), "heatmap_layers": [stats.layers[k] for k in chosen],
-                    "seconds": round(seconds, 3)})  # fmt: skip
-        result["runs"][label] = rep
-        del built, base
-    result["comparison"] = [
-        {
-            "label": lab,
-            "method": r["method"],
-            "pearson": r["all_layers"]["correlation"]["pearson"],
-            "spearman": r["all_layers"]["correlation"]["spearman"],
-            "pairs": r["all_layers"]["correlation"]["pairs"],
-            "per_layer_pearson_mean": r["per_layer_correlation_mean"],
-            "pooled_load_entropy_mean": r["utilisation"]["pooled_load_entropy_mean"],
-        }
-        for lab, r in result["runs"].items()
-    ]
-    result["environment"] = environment_record()
-    atomic_write_json(out_dir / "analysis.json", result)
-    atomic_write_text(out_dir / "analysis.md", _markdown(result))
+    # everything is written into a staged folder, moved to `out` only when the analysis is complete
+    with staged_directory(out, last=("analysis.json",)) as out_dir:
+        result: dict[str, Any] = {
+            "config": {"model": str(model_name), "adapters": [str(a) for a in adapters], "data": str(data_dir),
+                       "split": split, "group_field": group_field, "layers": layers, "limit": limit,
+                       "batch_size": batch_size, "human_source": human_source, "human_splits": list(human_splits),
+                       "profile_in_prompt": profile_in_prompt, "device": device, "dtype": dtype},
+            "distance": "Jensen-Shannon divergence, base 2 (0..1); maps and dendrograms use its square root",
+            "runs": {},
+        }  # fmt: skip
+        human = None
+        used_labels: list[str] = []
+        for i, adapter in enumerate(adapters):
+            base, tok = load_base_and_tokenizer(model_name, dtype=dtype, device=device)
+            built = methods.load(None, base, adapter)
+            label = labels[i] if labels else built.name
+            if label in used_labels:
+                label = f"{label} ({Path(adapter).name})"
+            used_labels.append(label)
+            table = None
+            if built.uses_profile:
+                if data.profile_embeds is None:
+                    raise ValueError(f"{data_dir} has no profile_embeds.safetensors, which {built.name} routes on")
+                if data.profile_embeds.shape[1] != built.profile_dim:
+                    raise ValueError(f"profile_embeds width {data.profile_embeds.shape[1]} != the adapter's profile_dim "
+                                     f"{built.profile_dim}")  # fmt: skip
+                table = data.profile_embeds
+            pip = built.profile_in_prompt if profile_in_prompt is None else profile_in_prompt
+            t0 = time.perf_counter()
+            stats = topo.collect_routing(
+                built.model.eval(), tok, records, group_field=group_field, profile_table=table, profile_in_prompt=pip,
+                batch_size=batch_size, limit=limit or None, progress=_progress(progress, label),
+            )  # fmt: skip
+            seconds = time.perf_counter() - t0
+            if human is None:
+                human = human_side(data, stats.groups, group_field, human_source, human_splits)
+                result["groups"] = list(stats.groups)
+                result["held_out"] = dict(stats.held_out)
+                hd = human["distance"]
+                result["human"] = {"source": human_source, "splits": list(human_splits), "distance": _matrix(hd),
+                                   "shared_questions": human["shared_questions"].tolist()}  # fmt: skip
+                hdist = np.sqrt(np.clip(np.nan_to_num(hd, nan=np.nanmax(hd) if np.isfinite(hd).any() else 1.0), 0, None))
+                topo.plot_dendrogram(topo.average_linkage(hdist), stats.groups, out_dir / "human_dendrogram.png",
+                                     title="groups by human answer distance", held_out=stats.held_out)  # fmt: skip
+                topo.plot_group_map(topo.classical_mds(hdist, 2), stats.groups, stats.held_out, out_dir / "human_map.png",
+                                    title="groups by human answer distance (MDS)")  # fmt: skip
+                result["figures"] = ["human_dendrogram.png", "human_map.png"]
+            elif list(stats.groups) != result["groups"]:
+                raise ValueError("adapters routed different groups (same data and --limit should give the same groups)")
+            chosen = topo.select_layers(stats.layers, layers)
+            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
+            rep = routing_report(stats, human["distance"], chosen, out_dir / safe, title=label)
+            rep.update({"method": built.name, "adapter": str(adapter), "profile_in_prompt": pip,
+                        "uses_profile": bool(built.uses_profile), "heatmap_layers": [stats.layers[k] for k in chosen],
+                        "seconds": round(seconds, 3)})  # fmt: skip
+            result["runs"][label] = rep
+            del built, base
+        result["comparison"] = [
+            {
+                "label": lab,
+                "method": r["method"],
+                "pearson": r["all_layers"]["correlation"]["pearson"],
+                "spearman": r["all_layers"]["correlation"]["spearman"],
+                "pairs": r["all_layers"]["correlation"]["pairs"],
+                "per_layer_pearson_mean": r["per_layer_correlation_mean"],
+                "pooled_load_entropy_mean": r["utilisation"]["pooled_load_entropy_mean"],
+            }
+            for lab, r in result["runs"].items()
+        ]
+        result["environment"] = environment_record()
+        atomic_write_json(out_dir / "analysis.json", result)
+        atomic_write_text(out_dir / "analysis.md", _markdown(result))
     return result
 
 

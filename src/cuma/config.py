@@ -20,9 +20,46 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .runinfo import read_text
+
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names the key."""
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"line {line}: duplicate key {key!r} (first given at line {first}); each key may appear "
+                         "only once in a mapping")
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error (PyYAML keeps the last value)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges; its keys may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: PyYAML reports it itself
+            continue
+        if first is not None:
+            raise _DuplicateKey(key, key_node.start_mark.line + 1, first)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text -> Python values, safely, refusing duplicate keys (a ``yaml.YAMLError`` naming the key and line)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _origin(tp):
@@ -117,9 +154,13 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' includes form a cycle")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(read_text(path)) or {}
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except ValueError as err:  # not UTF-8 (the message names the file)
+        raise ConfigError(str(err)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = data.pop("base", None)
@@ -153,7 +194,7 @@ def _parse_value(raw: str, tp) -> Any:
     # strings stay verbatim (YAML would turn "no" into False and "1e-4" stays a string only by luck)
     if tp is str or (_origin(tp) in (list, tuple) and typing.get_args(tp)[:1] == (str,)):
         return raw
-    return yaml.safe_load(raw) if raw != "" else ""
+    return load_yaml(raw) if raw != "" else ""
 
 
 def parse_overrides(cls, argv: list[str]) -> dict:
@@ -181,7 +222,10 @@ def parse_overrides(cls, argv: list[str]) -> dict:
         key = key.replace("-", "_")
         parts = tuple(key.split("."))
         path = _resolve_path(parts, leaves, by_leaf, key)
-        value = _parse_value(raw, types_.get(path))
+        try:
+            value = _parse_value(raw, types_.get(path))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--{key}: value {raw!r} is not a valid YAML value ({err})") from None
         node = out
         for p in path[:-1]:
             node = node.setdefault(p, {})

@@ -2,12 +2,14 @@
 
 The recipe reads top to bottom in :func:`run_demo`:
 
-1. generate a synthetic population whose latent cultural modes conflict, and prepare pairs with one country held out
-   of training (its test pairs measure zero-shot accuracy);
-2. train LoRA, semantic-only CuMA and CuMA with the same step budget (conditional SFT, profile in the prompt);
+1. generate a synthetic population of real countries from five Inglehart-Welzel cultural zones whose latent
+   cultural modes conflict, and prepare pairs with one country of every zone held out of training (its test pairs
+   measure zero-shot transfer to an unseen country of a known zone);
+2. train LoRA, semantic-only CuMA and CuMA with the same budget (conditional SFT, profile in the prompt), scoring
+   valid pairs during training for the learning curves;
 3. evaluate them and the untrained model with the persona prompt on the same test pairs;
-4. write ``report/``: ``report.md`` (the comparison table beside the population's oracle figures), PNG figures and
-   ``results.json`` with every number and the run record.
+4. write ``report/``: ``report.md`` (the comparison table beside the population's oracle figures), PNG figures
+   (metrics, answer distributions, learning curves, the routing map) and ``results.json`` with every number.
 """
 
 from __future__ import annotations
@@ -32,31 +34,96 @@ METHOD_LABELS = {
 }
 
 
+# the demo's population: five Inglehart-Welzel zones that a sentence encoder tells apart, four countries each
+DEMO_ZONES = ("Protestant Europe", "Orthodox Europe", "Confucian", "African-Islamic", "Latin America")
+DEMO_PROFILE_FIELDS = ("B_COUNTRY", "X003R", "Q260", "Q289")  # country, age group, gender, religion
+
+
 @dataclass
 class DemoConfig:
     out: str = "report"
     work: str = "runs/demo"
     seed: int = 0
     quick: bool = False
-    # synthetic population
-    participants: int = 1500
+    # synthetic population (cuma.data.synthetic.SynthConfig)
+    participants: int = 2000
     questions: int = 8
-    modes: int = 3
-    countries: int = 6
-    # pairs
-    train_pairs: int = 480
-    test_pairs: int = 160
+    modes: int = 5
+    zones: tuple = DEMO_ZONES
+    countries: int = 20
+    country_set: str = "zones"
+    country_strength: float = 3.0
+    answer_width: float = 1.0
+    answer_noise: float = 0.08
+    mode_layout: str = "random"
+    profile_fields: tuple = DEMO_PROFILE_FIELDS
+    held_out_per_zone: int = 1  # whole countries held out of training, from every zone (zero-shot)
+    # pairs: test = seen-country pairs plus held-out-country pairs; the valid pairs draw the learning curves
+    train_pairs: int = 960
+    test_pairs: int = 200
+    held_out_test_pairs: int = 120
+    valid_pairs: int = 96
+    held_out_valid_pairs: int = 48
     # training: the same budget for every method
     methods: list[str] = field(default_factory=lambda: ["lora", "cuma-semantic", "cuma"])
     steps: int = 30
     batch_size: int = 8
     learning_rate: float = 5e-4
     router_learning_rate: Optional[float] = None  # routers start untrained while B = 0: they may need a larger lr
+    conditioning: str = "fast"  # CuMA's router: "fast" (CUMA_FAST_OPTIONS) or "paper" (the paper's raw concat)
+    curve_points: int = 4  # valid evaluations during training (the learning-curve figure); 0: none
     eval_batch_size: int = 32
 
     def quick_version(self) -> "DemoConfig":
-        small = dict(participants=300, questions=4, countries=4, train_pairs=24, test_pairs=16, steps=3, batch_size=4)
+        small = dict(participants=400, questions=4, countries=10, train_pairs=24, test_pairs=16, held_out_test_pairs=8,
+                     valid_pairs=8, held_out_valid_pairs=4, steps=3, batch_size=4, curve_points=1)
         return DemoConfig(**{**asdict(self), **small, "quick": True})
+
+    def synth_config(self):
+        from .data.synthetic import SynthConfig
+
+        return SynthConfig(participants=self.participants, questions=self.questions, modes=self.modes,
+                           countries=self.countries, country_set=self.country_set, zones=tuple(self.zones),
+                           profile_fields=tuple(self.profile_fields), country_strength=self.country_strength,
+                           mode_layout=self.mode_layout if self.country_set == "zones" else "random",
+                           answer_width=self.answer_width, answer_noise=self.answer_noise, seed=self.seed)
+
+
+def held_out_countries(truth: dict, per_zone: int, seed: int) -> list[str]:
+    """``per_zone`` countries of every zone (seeded), or of the invented set, held out of training."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 77])
+    by_zone: dict = {}
+    for name, info in truth["countries"].items():
+        by_zone.setdefault(info.get("zone"), []).append(name)
+    held = []
+    for zone in sorted(by_zone, key=str):
+        names = sorted(by_zone[zone])
+        if len(names) <= per_zone:
+            raise ValueError(f"zone {zone!r} has {len(names)} countries: cannot hold out {per_zone} and train on the rest")
+        held += [names[i] for i in sorted(rng.choice(len(names), size=per_zone, replace=False))]
+    return held
+
+
+def prepare_data(cfg: DemoConfig, folder: Path) -> tuple[Path, dict, list[str]]:
+    """The demo's data: the synthetic population in ``folder/raw`` and its prepared pairs in ``folder/prepared``
+    (held-out countries out of training; valid and test stratified into seen and held-out countries)."""
+    from .data.splits import prepare_wvb
+    from .data.synthetic import load_truth, write_synthetic
+    from .data.wvb import load_wvb
+
+    raw = folder / "raw"
+    write_synthetic(raw, cfg.synth_config(), overwrite=True)
+    truth = load_truth(raw / "truth.json")
+    held = held_out_countries(truth, cfg.held_out_per_zone, cfg.seed)
+    prepared = folder / "prepared"
+    prepare_wvb(
+        load_wvb(raw), prepared, train_pairs=cfg.train_pairs, test_pairs=cfg.test_pairs, valid_pairs=cfg.valid_pairs,
+        seed=cfg.seed, holdout_countries=held, holdout_test_keeps_seen=True,
+        held_out_pairs={"test": cfg.held_out_test_pairs, "valid": cfg.held_out_valid_pairs}, overwrite=True,
+    )  # fmt: skip
+    return prepared, truth, held
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,25 +131,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke version (~2 minutes): tiny data, 3 steps")
     parser.add_argument("--out", default=d.out, help="report folder (default: report)")
     parser.add_argument("--work", default=d.work, help="folder for data, adapters and evaluations")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the population, the split and training")
     parser.add_argument("--steps", type=int, default=None, help=f"training steps per method (default {d.steps})")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
     parser.add_argument("--learning-rate", type=float, default=None, help=f"default {d.learning_rate}")
     parser.add_argument("--router-learning-rate", type=float, default=None,
                         help="learning rate of the routers (default: the main one)")
+    parser.add_argument("--conditioning", choices=("fast", "paper"), default=None,
+                        help="CuMA's router: 'fast' (balanced router inputs, profile-led initial routing; the default) "
+                        "or 'paper' (the paper's raw concat(h_t, e_d))")
     parser.add_argument("--train-pairs", type=int, default=None, help=f"default {d.train_pairs}")
-    parser.add_argument("--test-pairs", type=int, default=None, help=f"default {d.test_pairs}")
+    parser.add_argument("--test-pairs", type=int, default=None, help=f"seen-country test pairs (default {d.test_pairs})")
+    parser.add_argument("--held-out-test-pairs", type=int, default=None,
+                        help=f"held-out-country test pairs (default {d.held_out_test_pairs})")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     cfg = DemoConfig(out=args.out, work=args.work, seed=args.seed)
     if args.quick:
         cfg = cfg.quick_version()
-    for name in ("steps", "learning_rate", "router_learning_rate", "train_pairs", "test_pairs"):
+    for name in ("steps", "batch_size", "learning_rate", "router_learning_rate", "train_pairs", "test_pairs",
+                 "held_out_test_pairs"):
         value = getattr(args, name)
         if value is not None:
             if value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
             setattr(cfg, name, value)
+    if args.conditioning is not None:
+        cfg.conditioning = args.conditioning
     run_demo(cfg)
     return 0
 
@@ -98,9 +176,7 @@ class _Progress:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from .data.records import load_prepared
-    from .data.splits import prepare_wvb
-    from .data.synthetic import SynthConfig, load_truth, oracle_metrics, write_synthetic
-    from .data.wvb import load_wvb
+    from .data.synthetic import oracle_metrics
     from .models import load_base_and_tokenizer
 
     work, out = Path(cfg.work), Path(cfg.out)
@@ -108,37 +184,31 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
 
     # 1. data
-    progress(f"synthetic population: {cfg.participants} participants, {cfg.questions} questions, {cfg.modes} modes")
-    raw = work / "data" / "raw"
-    write_synthetic(
-        raw,
-        SynthConfig(participants=cfg.participants, questions=cfg.questions, modes=cfg.modes,
-                    countries=cfg.countries, seed=cfg.seed),
-        overwrite=True,
-    )
-    truth = load_truth(raw / "truth.json")
-    held_country = sorted(truth["countries"])[-1]
-    prepared = work / "data" / "prepared"
-    prepare_wvb(
-        load_wvb(raw), prepared, train_pairs=cfg.train_pairs, test_pairs=cfg.test_pairs, seed=cfg.seed,
-        holdout_countries=[held_country], holdout_test_keeps_seen=True, overwrite=True,
-    )
+    progress(f"synthetic population: {cfg.participants} participants in {cfg.countries} countries, "
+             f"{cfg.questions} questions, {cfg.modes} modes")
+    prepared, truth, held = prepare_data(cfg, work / "data")
     data = load_prepared(prepared)
     seen_test = [r for r in data.test if not r["held_out"]]
     held_test = [r for r in data.test if r["held_out"]]
     oracle = {"seen": oracle_metrics(seen_test, truth), "held_out": oracle_metrics(held_test, truth) if held_test else None}
+    base, tokenizer = load_base_and_tokenizer("smollm2-135m")
 
-    # 2. training, the same budget for every method
+    # 2. training, the same budget for every method; valid pairs scored along the way (learning curves)
+    steps = curve_steps(cfg.steps, cfg.curve_points)
     runs: dict[str, dict] = {}
+    curves: dict[str, list] = {}
     for method in cfg.methods:
         progress(f"training {METHOD_LABELS.get(method, method)}: {cfg.steps} steps x batch {cfg.batch_size}")
-        runs[method] = _train(cfg, method, prepared, work / "adapters" / method)
+        curve = _curve(cfg, method, tokenizer, data, steps)
+        runs[method] = _train(cfg, method, prepared, work / "adapters" / method, callbacks=[curve] if curve else None)
+        curves[method] = curve.rows if curve else []
 
-    # 3. evaluation on the same test pairs
-    base, tokenizer = load_base_and_tokenizer("smollm2-135m")
+    # 3. evaluation on the same test pairs (and the untrained model's point of the learning curves)
     results: dict[str, dict] = {}
     progress("evaluating the untrained model with the persona prompt")
     results["persona"] = _evaluate(cfg, "persona", None, base, tokenizer, data, work / "eval" / "persona")
+    if steps:
+        curves["persona"] = [_curve(cfg, "persona", tokenizer, data, [0]).evaluate(base, 0)]
     for method in cfg.methods:
         progress(f"evaluating {METHOD_LABELS.get(method, method)}")
         base, _ = load_base_and_tokenizer("smollm2-135m")
@@ -155,10 +225,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     results["persona"]["table"].update(trainable_parameters=0, trainable_share=0.0)
     summary = {
         "config": asdict(cfg),
-        "held_out_country": held_country,
+        "held_out_countries": held,
+        "zones": {c: v.get("zone") for c, v in truth["countries"].items()},
+        "test_pairs": {"seen": len(seen_test), "held_out": len(held_test)},
         "oracle": oracle,
         "results": {m: r["table"] for m, r in results.items()},
         "training": {m: {k: runs[m][k] for k in ("train_seconds", "train_loss", "global_step")} for m in runs},
+        "cuma_options": {m: runs[m]["method"]["options"] for m in runs if m.startswith("cuma")},
+        "learning_curves": curves,
+        "routing": routing,
         "environment": environment_record(),
     }
     _write_report(cfg, out, summary, results, truth, routing)
@@ -167,11 +242,41 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     return summary
 
 
+def curve_steps(steps: int, points: int) -> list[int]:
+    """``points`` evenly spaced steps ending at ``steps`` (the learning curve's evaluations)."""
+    if points <= 0:
+        return []
+    return sorted({max(1, round(steps * (i + 1) / points)) for i in range(points)})
+
+
+def _curve(cfg: DemoConfig, method: str, tokenizer, data, steps):
+    from . import methods
+    from .train.callbacks import ValidationCurve
+
+    if not steps or not data.valid:
+        return None
+    spec = methods.get_spec(method)
+    table = data.profile_embeds if spec.profile_routing else None
+    return ValidationCurve(steps, tokenizer, data.valid, profile_table=table, profile_in_prompt=True,
+                           batch_size=cfg.eval_batch_size)
+
+
 # ------------------------------------------------------------------------------------------------------ training
-def _method_options(method: str) -> dict:
+# CuMA's fast conditioning (chosen on the valid split, docs/demo.md): balanced router inputs and a profile-led
+# initial routing. "paper" keeps the paper's router (raw concat, default init).
+CUMA_FAST_OPTIONS = {"router_input_norm": "balanced", "router_token_init_scale": 0.1}
+
+
+def _method_options(method: str, conditioning: str = "fast") -> dict:
     if method == "lora":
         return {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
     options = {"r": 8, "lora_alpha": 16, "num_experts": 8, "top_k": 2, "router_hidden": 256}
+    if conditioning == "fast":
+        options.update(CUMA_FAST_OPTIONS)
+        if method in ("cuma-semantic", "cuma-minimal"):
+            options.pop("router_profile_gain", None)
+    elif conditioning != "paper":
+        raise ValueError(f"--conditioning must be 'fast' or 'paper', got {conditioning!r}")
     return options
 
 
@@ -191,7 +296,7 @@ def _train(cfg: DemoConfig, method: str, prepared: Path, out: Path, options: Opt
         "--train.save_strategy", "no", "--train.report_to", "none",
     ])  # fmt: skip
     run_cfg.train.router_learning_rate = cfg.router_learning_rate
-    run_cfg.method.options = {**_method_options(method), **(options or {})}
+    run_cfg.method.options = {**_method_options(method, cfg.conditioning), **(options or {})}
     return run_sft(run_cfg, callbacks=callbacks)
 
 
@@ -232,7 +337,16 @@ def _cuma_expert_load(cfg, work: Path, tokenizer, data) -> dict:
 
     built = methods.load(None, load_base("smollm2-135m"), work / "adapters" / "cuma")
     model = built.model.to(_device()).eval()
-    return expert_load_by_country(model, tokenizer, data.test, data.profile_embeds, built.profile_in_prompt)
+    per_layer = expert_load_by_country(model, tokenizer, data.test, data.profile_embeds, built.profile_in_prompt,
+                                       per_layer=True)
+    countries, similarity = routing_similarity(per_layer)
+    layers = sorted(next(iter(per_layer.values())))
+    # the projection whose expert load differs most between countries (the clearest view of a single router)
+    spread = {name: float(torch.tensor([per_layer[c][name] for c in countries]).std(0).mean()) for name in layers}
+    clearest = max(spread, key=spread.get)
+    return {"countries": countries, "similarity": similarity, "layer": clearest,
+            "load": {c: per_layer[c][clearest] for c in countries},
+            "mean_load": {c: [sum(v) / len(layers) for v in zip(*per_layer[c].values())] for c in countries}}
 
 
 def _device() -> torch.device:
@@ -240,9 +354,12 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def expert_load_by_country(model, tokenizer, records, profile_embeds, profile_in_prompt: bool, per_country: int = 16) -> dict:
-    """Mean gate per expert (over every routed projection and non-pad token) for up to ``per_country`` prompts of
-    each country. ``profile_embeds`` None for routers that see only tokens (semantic-only)."""
+def expert_load_by_country(model, tokenizer, records, profile_embeds, profile_in_prompt: bool, per_country: int = 16,
+                           per_layer: bool = False) -> dict:
+    """Mean gate per expert (over non-pad tokens) for up to ``per_country`` prompts of each country: averaged over
+    every routed projection (``{country: [N]}``), or one vector per projection (``per_layer``: ``{country: {layer:
+    [N]}}``; expert i of one layer has nothing to do with expert i of another). ``profile_embeds`` None for routers
+    that see only tokens (semantic-only)."""
     from .data.prompts import render_prompt
     from .routing import record_gates
 
@@ -260,13 +377,25 @@ def expert_load_by_country(model, tokenizer, records, profile_embeds, profile_in
             extra["profile_embeds"] = profile_embeds[torch.as_tensor([r["profile_index"] for r in rows])].to(device)
         with torch.no_grad(), record_gates(model) as rec:
             model(**enc, **extra)
-        total = None
+        layers = {}
         for name, gates in rec.gates.items():
             g, m = gates[0], rec.masks[name][0]
-            share = g[m].mean(0) if m is not None else g.reshape(-1, g.shape[-1]).mean(0)
-            total = share if total is None else total + share
-        load[country] = (total / len(rec.gates)).tolist()
+            layers[name] = g[m].mean(0) if m is not None else g.reshape(-1, g.shape[-1]).mean(0)
+        if per_layer:
+            load[country] = {name: v.tolist() for name, v in layers.items()}
+        else:
+            load[country] = (sum(layers.values()) / len(layers)).tolist()
     return load
+
+
+def routing_similarity(per_layer_load: dict) -> tuple[list[str], list[list[float]]]:
+    """Cosine similarity between countries of their routing (every layer's expert load, centred over countries and
+    concatenated): near 1 for countries routed alike."""
+    countries = sorted(per_layer_load)
+    layers = sorted(next(iter(per_layer_load.values())))
+    mat = torch.tensor([[x for name in layers for x in per_layer_load[c][name]] for c in countries])
+    mat = torch.nn.functional.normalize(mat - mat.mean(0, keepdim=True), dim=-1)
+    return countries, (mat @ mat.T).tolist()
 
 
 # -------------------------------------------------------------------------------------------------------- report
@@ -280,14 +409,21 @@ def _write_report(cfg: DemoConfig, out: Path, summary: dict, results: dict, trut
     out.mkdir(parents=True, exist_ok=True)
     figures = _figures(out, summary, results, truth, routing)
     o_seen, o_held = summary["oracle"]["seen"], summary["oracle"]["held_out"]
+    n = summary["test_pairs"]
+    held = ", ".join(f"{c} ({summary['zones'].get(c)})" for c in summary["held_out_countries"])
+    cuma_desc = ("CuMA with fast conditioning (balanced router inputs, profile-led initial routing; "
+                 "`--conditioning paper` for the paper's router)" if cfg.conditioning == "fast"
+                 else "CuMA with the paper's router (raw concat of hidden state and profile embedding)")
     lines = [
         "# cuma demo: LoRA vs semantic-only CuMA vs CuMA on a synthetic population",
         "",
-        f"SmolLM2-135M-Instruct, MiniLM profile embeddings, {cfg.participants} synthetic participants, "
-        f"{cfg.questions} questions, {cfg.modes} latent cultural modes; {cfg.train_pairs} training pairs; each method "
-        f"trained for {cfg.steps} steps of batch {cfg.batch_size} at learning rate {cfg.learning_rate} (seed {cfg.seed}). "
-        f"Test pairs come from participants never seen in training; country **{summary['held_out_country']}** is held "
-        "out of training entirely and gives the zero-shot column." + (" **Quick smoke run: numbers are noise.**" if cfg.quick else ""),
+        f"SmolLM2-135M-Instruct, MiniLM profile embeddings, {cfg.participants} synthetic participants in "
+        f"{cfg.countries} real countries of {len(cfg.zones)} Inglehart-Welzel cultural zones, {cfg.questions} "
+        f"questions, {cfg.modes} latent cultural modes (one per zone); {cfg.train_pairs} training pairs; each method "
+        f"trained for {cfg.steps} steps of batch {cfg.batch_size} at learning rate {cfg.learning_rate} "
+        f"(seed {cfg.seed}); {cuma_desc}. Test pairs come from participants never seen in training: {n['seen']} from "
+        f"the countries seen in training, {n['held_out']} from countries held out of training entirely (zero-shot "
+        f"column): {held}." + (" **Quick smoke run: numbers are noise.**" if cfg.quick else ""),
         "",
         "| method | Acc % | Macro-F1 | EMD | EMD (expected) | entropy | zero-shot Acc % | trainable | train s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -306,15 +442,17 @@ def _write_report(cfg: DemoConfig, out: Path, summary: dict, results: dict, trut
     )
     lines.append(
         f"| *population average (mean collapse)* | {_fmt(o_seen['population_accuracy'], True)} | - | "
-        f"{_fmt(o_seen['population_emd_mean'])} | - | - | - | - | - |"
+        f"{_fmt(o_seen['population_emd_mean'])} | - | - | "
+        f"{_fmt(o_held['population_accuracy'] if o_held else None, True)} | - | - |"
     )
     lines += [
         "",
-        "Acc: argmax matches the participant's answer. EMD: per-question 1-D Wasserstein distance between the "
-        "normalised answers of the test participants and the model's argmax answers (expected: its full option "
-        "distribution), averaged over questions; lower is better. Entropy: mean normalised entropy of the option "
-        "distribution (high = hedging towards the average). The oracle predicts from each profile's true answer "
-        "distribution; the population average is what a mean-collapsed model does at best.",
+        "Acc, Macro-F1, EMD and entropy are over the seen-country test pairs; zero-shot Acc over the held-out "
+        "countries' pairs. Acc: argmax matches the participant's answer. EMD: per-question 1-D Wasserstein distance "
+        "between the normalised answers of the test participants and the model's argmax answers (expected: its full "
+        "option distribution), averaged over questions; lower is better. Entropy: mean normalised entropy of the "
+        "option distribution (high = hedging towards the average). The oracle predicts from each profile's true "
+        "answer distribution; the population average is what a mean-collapsed model does at best.",
         "",
         *[f"![{name}]({name})" for name in figures],
         "",
@@ -329,7 +467,8 @@ def _command(cfg: DemoConfig) -> str:
     """The `cuma demo` command line that reproduces ``cfg`` (flags only where they differ from the defaults)."""
     default = DemoConfig().quick_version() if cfg.quick else DemoConfig()
     parts = ["cuma demo"] + (["--quick"] if cfg.quick else [])
-    for name in ("out", "work", "seed", "steps", "learning_rate", "router_learning_rate", "train_pairs", "test_pairs"):
+    for name in ("out", "work", "seed", "steps", "batch_size", "learning_rate", "router_learning_rate", "conditioning",
+                 "train_pairs", "test_pairs", "held_out_test_pairs"):
         value = getattr(cfg, name)
         if value != getattr(default, name):
             parts.append(f"--{name.replace('_', '-')} {value}")
@@ -407,16 +546,54 @@ def _figures(out: Path, summary: dict, results: dict, truth: dict, routing) -> l
         plt.close(fig)
         names.append("distributions.png")
 
+    curves = summary.get("learning_curves") or {}
+    if any(curves.get(m) for m in methods if m != "persona"):
+        start = (curves.get("persona") or [None])[0]
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        for ax, key, title, oracle in (
+            (axes[0], "accuracy", "valid accuracy, seen countries", summary["oracle"]["seen"]["accuracy"]),
+            (axes[1], "zero_shot_accuracy", "valid accuracy, held-out countries",
+             (summary["oracle"]["held_out"] or {}).get("accuracy")),
+        ):
+            for m in methods:
+                rows = [r for r in curves.get(m, []) if key in r]
+                if m == "persona" or not rows:
+                    continue
+                pts = ([(0, start[key])] if start and key in start else []) + [(r["step"], r[key]) for r in rows]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=METHOD_LABELS.get(m, m),
+                        color=METHOD_COLORS.get(m, "#8172b3"))
+            if oracle is not None:
+                ax.axhline(oracle, ls="--", color="black", lw=1, label="oracle (test)")
+            ax.set_xlabel("training step")
+            ax.set_title(title, fontsize=10)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "learning_curve.png", dpi=110)
+        plt.close(fig)
+        names.append("learning_curve.png")
+
     if routing:
-        groups = sorted(routing)
-        matrix = np.array([routing[g] for g in groups])
-        fig, ax = plt.subplots(figsize=(6, 0.45 * len(groups) + 1.5))
-        im = ax.imshow(matrix, aspect="auto", cmap="viridis")
-        ax.set_yticks(range(len(groups)), [g + (" (held out)" if g == summary["held_out_country"] else "") for g in groups])
-        ax.set_xticks(range(matrix.shape[1]), [f"E{i}" for i in range(matrix.shape[1])])
-        ax.set_xlabel("expert")
-        ax.set_title("CuMA expert load per country (mean gate, all layers)", fontsize=10)
-        fig.colorbar(im, ax=ax)
+        zones = summary.get("zones", {})
+        held = set(summary.get("held_out_countries", []))
+        order = sorted(routing["countries"], key=lambda c: (list(dict.fromkeys(zones.values())).index(zones.get(c))
+                                                           if zones.get(c) in zones.values() else 0, c in held, c))
+        pos = {c: i for i, c in enumerate(routing["countries"])}
+        labels = [f"{c} ({zones.get(c) or '-'})" + (" *" if c in held else "") for c in order]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.3 * len(order) + 2.2),
+                                       gridspec_kw={"width_ratios": [1, 1.6]})
+        load = np.array([routing["load"][c] for c in order])
+        im = ax1.imshow(load, aspect="auto", cmap="viridis")
+        ax1.set_yticks(range(len(order)), labels, fontsize=7)
+        ax1.set_xticks(range(load.shape[1]), [f"E{i}" for i in range(load.shape[1])], fontsize=7)
+        ax1.set_title(f"expert load per country\n{routing['layer'].split('model.layers.')[-1]}", fontsize=9)
+        fig.colorbar(im, ax=ax1, fraction=0.05)
+        sim = np.array([[routing["similarity"][pos[a]][pos[b]] for b in order] for a in order])
+        im2 = ax2.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1)
+        ax2.set_yticks(range(len(order)), labels, fontsize=7)
+        ax2.set_xticks(range(len(order)), [c for c in order], rotation=90, fontsize=7)
+        ax2.set_title("routing similarity between countries (all layers)", fontsize=9)
+        fig.colorbar(im2, ax=ax2, fraction=0.04)
+        fig.suptitle("CuMA routing map (* = held out of training)", fontsize=10)
         fig.tight_layout()
         fig.savefig(out / "expert_load.png", dpi=110)
         plt.close(fig)

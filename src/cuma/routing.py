@@ -1,18 +1,32 @@
 """Routers, top-k gates and the load-balancing term shared by the mixture-of-LoRA tuners.
 
-Everything here is a plain module or function: the per-call routing state (profile, padding mask, recorded
-balance terms) lives on the model's layers and is read and cleared through the functions at the bottom.
+Everything here is a plain module or function. The per-call routing state (profile rows, padding mask, recorded
+balance terms) belongs to the call that made it (:mod:`cuma.routing_state`); the functions at the bottom are what
+trainers and analyses use to read it: :func:`pop_balance_loss` after a training forward, :func:`record_gates` around
+calls whose gates should be kept.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .routing_state import take_finished
+
+
+ROUTER_INPUT_NORMS = ("none", "balanced")
+
+
+def rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / RMS(x)`` over the last dimension (computed in fp32): every vector gets per-dimension RMS 1."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class Router(nn.Module):
@@ -21,6 +35,13 @@ class Router(nn.Module):
     The first Linear is applied in two parts (token part and profile part) so the (tokens x profile) concat is never
     materialised; the profile part is computed once per row and broadcast over the sequence. Mathematically this is
     exactly ``Linear(concat(h, e))``.
+
+    ``input_norm="balanced"`` (a cuma option; the paper concatenates the raw vectors): the token part and the profile
+    part are each scaled to per-dimension RMS 1 and multiplied by a learned scalar gain (``token_gain``,
+    ``profile_gain``, initialised to 1 and ``profile_gain_init``) before the first Linear. Raw q_proj inputs of a
+    pretrained LM have norms of 6-10 while an L2-normalised sentence embedding has norm 1, so in the raw concat the
+    profile hardly moves the router. ``token_init_scale`` multiplies the first layer's token-part weights at
+    initialisation (< 1: the initial routing follows the profile, so experts specialise by group from the first step).
     """
 
     def __init__(
@@ -32,26 +53,48 @@ class Router(nn.Module):
         num_layers: int = 2,
         dropout: float = 0.0,
         bias: bool = True,
+        input_norm: str = "none",
+        profile_gain_init: float = 1.0,
+        token_init_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if input_norm not in ROUTER_INPUT_NORMS:
+            raise ValueError(f"router input_norm must be one of {list(ROUTER_INPUT_NORMS)}, got {input_norm!r}")
         self.in_features = in_features
         self.profile_dim = profile_dim
         self.num_experts = num_experts
+        self.input_norm = input_norm
         widths = [in_features + profile_dim] + [hidden] * (num_layers - 1) + [num_experts]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(widths[:-1], widths[1:]))
+        if input_norm == "balanced":
+            self.token_gain = nn.Parameter(torch.ones(()))
+            self.profile_gain = nn.Parameter(torch.full((), float(profile_gain_init))) if profile_dim else None
+        if token_init_scale != 1.0:
+            with torch.no_grad():
+                self.layers[0].weight[:, :in_features].mul_(token_init_scale)
 
     def forward(self, hidden: torch.Tensor, profile: Optional[torch.Tensor] = None) -> torch.Tensor:
         """hidden: (B, T, in) ; profile: (B, profile_dim) or None. Returns logits (B, T, N)."""
         first = self.layers[0]
-        h = self.dropout(hidden)
         w = first.weight
+        if self.input_norm == "balanced":
+            hidden = rms_normalise(hidden) * self.token_gain.to(hidden.dtype)
+        h = self.dropout(hidden)
         out = F.linear(h, w[:, : self.in_features], first.bias)
         if self.profile_dim:
             if profile is None:
                 raise ValueError("this router routes on the profile but no profile embedding was given")
-            p = F.linear(self.dropout(profile.to(w.dtype)), w[:, self.in_features :])
-            out = out + p.unsqueeze(1)
+            pe = profile.to(w.dtype)
+            if self.input_norm == "balanced":
+                pe = rms_normalise(pe) * self.profile_gain.to(w.dtype)
+            if self.training and isinstance(self.dropout, nn.Dropout):
+                # one dropout mask per token, as on the literal concat (a per-row mask would drop the same profile
+                # dimensions for every token of the row)
+                p = F.linear(self.dropout(pe.unsqueeze(1).expand(-1, out.shape[1], -1)), w[:, self.in_features :])
+                out = out + p
+            else:
+                out = out + F.linear(pe, w[:, self.in_features :]).unsqueeze(1)
         for layer in self.layers[1:]:
             out = layer(self.dropout(F.relu(out)))
         return out
@@ -101,35 +144,42 @@ def switch_balance_loss(gates: Gates, token_mask: Optional[torch.Tensor] = None)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Reading the per-layer routing state of a model. Layers that route implement the small protocol below
-# (``_balance_terms`` list and ``_gate_log``); these functions are what trainers and analyses call.
+# Reading the routing state of a model's calls. Routed layers carry ``_routing_scope`` (their tuner's
+# cuma.routing_state.RoutingScope); the balance terms of a finished call wait in the caller's context until popped.
 
 
 def _routing_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
-        if hasattr(module, "_balance_terms") and hasattr(module, "_gate_log"):
+        if getattr(module, "_routing_scope", None) is not None and getattr(module, "routes", True):
             yield name, module
 
 
+def _scopes(model: nn.Module) -> list:
+    seen: dict[int, object] = {}
+    for _, layer in _routing_layers(model):
+        seen.setdefault(id(layer._routing_scope), layer._routing_scope)
+    return list(seen.values())
+
+
 def pop_balance_loss(model: nn.Module) -> Optional[torch.Tensor]:
-    """Sum of the balance terms the routers recorded since the last call, weighted by each adapter's coefficient,
-    and clear the buffer. Returns None when nothing was recorded (eval mode, or no routed layer ran).
+    """Sum of the balance terms recorded by this thread's (or task's) finished training calls of ``model`` since
+    the last pop, weighted by each adapter's coefficient, and clear them. Returns None when nothing was recorded
+    (eval mode, no gradients, or no routed layer ran).
 
     A trainer calls :func:`clear_balance_loss` before its forward and this after it, and adds the result to the task
-    loss before its own gradient-accumulation scaling.
+    loss before its own gradient-accumulation scaling. A call that raised leaves nothing; a gradient-checkpointing
+    recompute records nothing (its call's terms were recorded in the forward).
     """
     total = None
-    for _, layer in _routing_layers(model):
-        for term in layer._balance_terms:
-            total = term if total is None else total + term.to(total.device)
-        layer._balance_terms.clear()
+    for term in take_finished(_scopes(model)):
+        total = term if total is None else total + term.to(total.device)
     return total
 
 
 def clear_balance_loss(model: nn.Module) -> None:
-    """Drop recorded balance terms (for example those left by a gradient-checkpointing recompute)."""
-    for _, layer in _routing_layers(model):
-        layer._balance_terms.clear()
+    """Drop the balance terms of ``model``'s finished calls that were not popped (e.g. from an evaluation forward
+    made in train mode)."""
+    take_finished(_scopes(model))
 
 
 @dataclass
@@ -143,37 +193,51 @@ class GateRecord:
         return list(self.gates)
 
 
+# the records active in this thread / task: (record, {layer: name}, to_cpu)
+_GATE_SINKS: ContextVar[tuple] = ContextVar("cuma_gate_records", default=())
+
+
 @contextmanager
 def record_gates(model: nn.Module, to_cpu: bool = True) -> Iterator[GateRecord]:
-    """Record the dense gate weights of every routed layer for analysis, e.g.::
+    """Record the dense gate weights of every routed layer of ``model`` for the calls made in this thread (or asyncio
+    task) inside the block, e.g.::
 
     with record_gates(model) as rec:
         model(**batch, profile_embeds=e)
     rec.gates["base_model.model.model.layers.0.self_attn.q_proj"][0]   # (B, T, N)
+
+    Calls made by other threads, and gradient-checkpointing recomputes, are not recorded.
     """
     record = GateRecord()
-    layers = list(_routing_layers(model))
-    for name, layer in layers:
+    names: dict[nn.Module, str] = {}
+    for name, layer in _routing_layers(model):
         record.gates[name] = []
         record.masks[name] = []
-        layer._gate_log = (record, name, to_cpu)
+        names[layer] = name
+    token = _GATE_SINKS.set(_GATE_SINKS.get() + ((record, names, to_cpu),))
     try:
         yield record
     finally:
-        for _, layer in layers:
-            layer._gate_log = None
+        _GATE_SINKS.reset(token)
 
 
-def log_gates(layer: nn.Module, gates: torch.Tensor, token_mask: Optional[torch.Tensor]) -> None:
-    """Called by a routed layer after routing; appends to the active :func:`record_gates` record, if any."""
-    sink = layer._gate_log
-    if sink is None:
+def gates_requested(layer: nn.Module) -> bool:
+    """Whether a :func:`record_gates` block of this context wants ``layer``'s gates (cheap; lets layers skip work)."""
+    return any(layer in names for _, names, _ in _GATE_SINKS.get())
+
+
+def log_gates(layer: nn.Module, gates: torch.Tensor, token_mask: Optional[torch.Tensor], call=None) -> None:
+    """Called by a routed layer after routing; appends to the active :func:`record_gates` records that hold it."""
+    if call is not None and call.recompute:
         return
-    record, name, to_cpu = sink
-    g = gates.detach()
-    m = token_mask.detach() if token_mask is not None else None
-    if to_cpu:
-        g = g.cpu()
-        m = m.cpu() if m is not None else None
-    record.gates[name].append(g)
-    record.masks[name].append(m)
+    for record, names, to_cpu in _GATE_SINKS.get():
+        name = names.get(layer)
+        if name is None:
+            continue
+        g = gates.detach()
+        m = token_mask.detach() if token_mask is not None else None
+        if to_cpu:
+            g = g.cpu()
+            m = m.cpu() if m is not None else None
+        record.gates[name].append(g)
+        record.masks[name].append(m)

@@ -30,10 +30,14 @@ __all__ = [
     "atomic_write_text",
     "dumps",
     "environment_record",
+    "not_utf8_error",
     "package_version",
     "package_versions",
     "public_mode",
+    "read_json",
+    "read_text",
     "sha256_file",
+    "staged_directory",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -159,6 +163,92 @@ def atomic_directory(target: PathLike, overwrite: bool = False) -> Iterator[Path
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_directory(target: PathLike, last: Iterable[str] = ()) -> Iterator[Path]:
+    """Write a command's outputs into a temporary sibling of ``target``, moved into ``target`` when the block succeeds.
+
+    Unlike :func:`atomic_directory` an existing ``target`` is kept with whatever else it holds (a training run's
+    checkpoints and logs): a new or empty ``target`` is the temporary folder renamed into place; otherwise each
+    staged entry replaces its namesake, and the names in ``last`` (the file that marks the output complete) are
+    removed from ``target`` first and moved in last. On failure the temporary folder is removed and ``target`` is
+    left as it was, so a failed command never leaves half of its outputs behind.
+    """
+    target = Path(target).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"output path {str(target)!r} exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        public_mode(tmp, is_dir=True)
+        yield tmp
+        if not target.exists() or not any(target.iterdir()):
+            try:  # another process (a second rank saving the same output) may fill target meanwhile
+                if target.exists():
+                    target.rmdir()
+                os.replace(tmp, target)
+                return
+            except OSError:
+                if not target.is_dir():
+                    raise
+        last = set(last)
+        for name in last:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target / name)
+        for entry in sorted(tmp.iterdir(), key=lambda p: p.name in last):
+            dest = target / entry.name
+            if entry.is_dir() and dest.is_dir():
+                shutil.rmtree(dest)
+            elif dest.is_dir():
+                raise ValueError(f"cannot write {dest}: a folder of that name is in the way")
+            os.replace(entry, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- reading
+
+
+def not_utf8_error(path: PathLike, err: Optional[UnicodeDecodeError] = None) -> ValueError:
+    """The error every reader raises for a file that is not UTF-8: the file, the first bad byte and its line and
+    column (found by decoding the file again: a decoder's own offset may be relative to a buffer)."""
+    detail = ""
+    try:
+        data = Path(path).read_bytes()
+        data.decode("utf-8")
+    except UnicodeDecodeError as found:
+        start = found.start
+        line = data.count(b"\n", 0, start) + 1
+        column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        detail = f" (byte 0x{data[start:start + 1].hex()} at line {line}, column {column})"
+    except OSError:
+        pass
+    return ValueError(f"{os.fspath(path)}: not UTF-8 text{detail}; save the file as UTF-8")
+
+
+def read_text(path: PathLike) -> str:
+    """The UTF-8 text of ``path``; a file that is not UTF-8 is a ValueError naming it (:func:`not_utf8_error`)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise not_utf8_error(path) from None
+
+
+def read_json(path: PathLike, expect: Optional[type] = dict, what: str = "") -> Any:
+    """Parse the JSON file ``path``. Not UTF-8, not valid JSON, or (with ``expect``) not of that type: a ValueError
+    naming the file, the place and what was expected (``what`` says what the file is, e.g. "the method record")."""
+    text = read_text(path)
+    label = f"{os.fspath(path)}" + (f" ({what})" if what else "")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{label}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    if expect is not None and not isinstance(value, expect):
+        kind = {dict: "a JSON object", list: "a JSON array"}.get(expect, expect.__name__)
+        raise ValueError(f"{label}: expected {kind}, got {type(value).__name__}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------- versions

@@ -50,6 +50,16 @@ def _nonneg_int(value: str) -> int:
     return n
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
 def _csv(value: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     if not items:
@@ -134,7 +144,8 @@ def _add_preference_options(p: argparse.ArgumentParser) -> None:
                    help="split unit; no conversation ever appears in two splits (default conversation)")
     p.add_argument("--supervise", choices=("all", "last"), default="all",
                    help="which assistant turns of an SFT conversation carry the loss (default all)")
-    p.add_argument("--max-turns", type=int, default=None, metavar="N", help="keep at most N turns per conversation")
+    p.add_argument("--max-turns", type=_positive_int, default=None, metavar="N",
+                   help="keep at most N (>= 1) turns per conversation")
     enc = p.add_mutually_exclusive_group()
     enc.add_argument("--encoder", default="default", metavar="NAME_OR_PATH",
                      help="profile encoder for profile_embeds.safetensors (default: the embedded all-MiniLM-L6-v2)")

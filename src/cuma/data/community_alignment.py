@@ -18,7 +18,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
 from ..profiles import COMMUNITY_ALIGNMENT_FIELD_MAP, Profile
-from .conversations import Conversation, Dropped, Turn, load_table, prepare_preference, require_columns, text_of
+from .conversations import (
+    Conversation,
+    Dropped,
+    Turn,
+    check_max_turns,
+    load_table,
+    prepare_preference,
+    require_columns,
+    text_of,
+)
 
 __all__ = ["CA_COLUMNS", "CA_LETTERS", "CA_TURN_PREFIXES", "load_community_alignment", "parse_preferred",
            "prepare_community_alignment"]
@@ -62,6 +71,7 @@ def _col(kind: str, turn: str, letter: str = "") -> str:
 def load_community_alignment(path: PathLike, field_map: Mapping[str, str] = COMMUNITY_ALIGNMENT_FIELD_MAP,
                              max_turns: Optional[int] = None) -> tuple[list[Conversation], Dropped, dict[str, Any]]:
     """Conversations (one per annotator x conversation, with the annotator's profile), drops and source counts."""
+    max_turns = check_max_turns(max_turns)
     dropped = Dropped()
     rows = load_table(path)
     first = CA_TURN_PREFIXES[0]

@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..profiles import Profile
-from ..runinfo import atomic_directory, atomic_write_json, package_versions, sha256_file
+from ..runinfo import atomic_directory, atomic_write_json, not_utf8_error, package_versions, read_text, sha256_file
 from .records import EMBEDS_FILE, EMBEDS_KEY, SPLITS, write_jsonl
 
 __all__ = [
@@ -94,21 +94,15 @@ def load_table(path: PathLike) -> list[dict[str, Any]]:
         return rows
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        with open(p, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{p}:{lineno}: not valid JSON ({err.msg})") from None
-                if not isinstance(value, dict):
-                    raise ValueError(f"{p}:{lineno}: expected a JSON object, got {type(value).__name__}")
-                rows.append(value)
-        return rows
+        from .records import read_jsonl
+
+        return read_jsonl(p)  # not UTF-8, bad JSON, not an object: ValueError naming file:line
     if suffix == ".json":
-        value = json.loads(p.read_text(encoding="utf-8"))
+        text = read_text(p)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{p}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
         if isinstance(value, dict):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -121,7 +115,14 @@ def load_table(path: PathLike) -> list[dict[str, Any]]:
     if suffix in (".csv", ".tsv"):
         import pandas as pd
 
-        frame = pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",", dtype=object, keep_default_na=True)
+        try:
+            frame = pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",", dtype=object, keep_default_na=True)
+        except UnicodeDecodeError:
+            raise not_utf8_error(p) from None
+        except pd.errors.EmptyDataError:
+            raise ValueError(f"{p}: the file is empty; expected a header row and one row per record") from None
+        except pd.errors.ParserError as err:
+            raise ValueError(f"{p}: not a {'tab' if suffix == '.tsv' else 'comma'}-separated table ({err})") from None
         return [_clean_value(r) for r in frame.to_dict(orient="records")]
     raise ValueError(f"{p}: unsupported input format {suffix!r}; use .jsonl, .json, .csv, .parquet or a saved dataset")
 
@@ -143,6 +144,16 @@ def text_of(value: Any) -> Optional[str]:
         return None
     text = str(value).strip()
     return text or None
+
+
+def check_max_turns(max_turns: Any) -> Optional[int]:
+    """``max_turns`` (``--max-turns``): None (keep every turn) or an integer >= 1; anything else is a ValueError (0
+    would keep conversations without messages, a negative value would cut each conversation's last turns)."""
+    if max_turns is None:
+        return None
+    if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1:
+        raise ValueError(f"--max-turns: expected a positive integer (turns kept per conversation), got {max_turns!r}")
+    return max_turns
 
 
 def require_columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], what: str) -> None:

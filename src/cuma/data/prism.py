@@ -20,6 +20,7 @@ from .conversations import (
     Conversation,
     Dropped,
     Turn,
+    check_max_turns,
     load_table,
     maybe_json,
     prepare_preference,
@@ -118,6 +119,7 @@ def parse_history(history: Any, dropped: Dropped) -> list[Turn]:
 def load_prism(survey: PathLike, conversations: PathLike, field_map: Mapping[str, str] = PRISM_FIELD_MAP,
                max_turns: Optional[int] = None) -> tuple[list[Conversation], Dropped, dict[str, Any]]:
     """Conversations (with profiles) of PRISM, what was dropped, and source counts."""
+    max_turns = check_max_turns(max_turns)
     dropped = Dropped()
     srows = load_table(survey)
     require_columns(srows, PRISM_SURVEY_COLUMNS, f"PRISM survey {survey}")

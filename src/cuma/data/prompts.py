@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 SYSTEM_INSTRUCTION = (
-    "You are answering a values survey. For each question, choose the option that best matches your own view."
+    "Answer this values survey as yourself."
 )
 PROFILE_PREFIX = "About you: "
 ANSWER_INSTRUCTION = "Answer with the letter only."

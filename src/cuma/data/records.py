@@ -27,6 +27,8 @@ from ..runinfo import (  # noqa: F401
     atomic_write_json,
     atomic_write_text,
     dumps,
+    not_utf8_error,
+    read_json,
     sha256_file,
 )
 
@@ -43,6 +45,8 @@ __all__ = [
     "load_prepared",
     "make_record",
     "read_jsonl",
+    "read_jsonl_numbered",
+    "read_profile_embeds",
     "sha256_file",
     "validate_record",
     "write_jsonl",
@@ -219,14 +223,19 @@ def write_jsonl(path: PathLike, records: Iterable[Mapping[str, Any]]) -> int:
     return n
 
 
-def read_jsonl(path: PathLike, validate: bool = False) -> list[dict[str, Any]]:
-    """Read a JSONL file; a bad line raises ``ValueError`` naming ``file:line``. Blank lines are skipped."""
+def read_jsonl_numbered(path: PathLike, validate: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` of each non-blank line of a JSONL file. A missing file is a FileNotFoundError; a
+    file that is not UTF-8 or a bad line a ``ValueError`` naming ``file:line``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"JSONL file {str(path)!r} does not exist")
-    out: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    out: list[tuple[int, dict[str, Any]]] = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise not_utf8_error(path) from None
             if not line.strip():
                 continue
             try:
@@ -237,8 +246,41 @@ def read_jsonl(path: PathLike, validate: bool = False) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(value).__name__}")
             if validate:
                 validate_record(value, where=f"{path}:{lineno}")
-            out.append(value)
+            out.append((lineno, value))
     return out
+
+
+def read_jsonl(path: PathLike, validate: bool = False) -> list[dict[str, Any]]:
+    """Read a JSONL file; a bad line raises ``ValueError`` naming ``file:line``. Blank lines are skipped."""
+    return [value for _, value in read_jsonl_numbered(path, validate=validate)]
+
+
+def read_profile_embeds(path: PathLike, rows: Optional[int] = None) -> Any:
+    """The ``profile_embeds`` tensor ``(num_profiles, dim)`` (float32) of a ``profile_embeds.safetensors`` file.
+
+    A file that is not safetensors, has no ``profile_embeds`` tensor, is not 2-D, or (with ``rows``) has another
+    number of rows than there are profiles is a ``ValueError`` naming the file and what was expected."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    expected = f"a safetensors file with a tensor {EMBEDS_KEY!r} of shape (num_profiles, dim), as `cuma data` writes it"
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); expected {expected}") from None
+    if EMBEDS_KEY not in tensors:
+        raise ValueError(f"{path}: expected a tensor named {EMBEDS_KEY!r}, found {sorted(tensors)}")
+    table = tensors[EMBEDS_KEY]
+    if table.ndim != 2:
+        raise ValueError(
+            f"{path}: tensor {EMBEDS_KEY!r} must be 2-D (num_profiles, dim), got shape {tuple(table.shape)}"
+        )
+    if rows is not None and table.shape[0] != rows:
+        raise ValueError(
+            f"{path}: tensor {EMBEDS_KEY!r} must be ({rows}, dim) to match profiles.jsonl, got {tuple(table.shape)}"
+        )
+    return table.float()
 
 
 # ---------------------------------------------------------------------------------------------------------- reading
@@ -277,11 +319,7 @@ def load_prepared(path: PathLike, validate: bool = True, embeddings: bool = True
         raise FileNotFoundError(
             f"{root} is not a prepared-data directory: missing {absent} (write one with `cuma data wvb`)"
         )
-    manifest_path = root / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{manifest_path}: not valid JSON ({err.msg})") from None
+    manifest = read_json(root / "manifest.json", dict, what="the prepared-data manifest")
     splits = {name: read_jsonl(root / f"{name}.jsonl", validate=validate) for name in SPLITS}
     profiles = read_jsonl(root / "profiles.jsonl")
     for i, row in enumerate(profiles):
@@ -293,17 +331,7 @@ def load_prepared(path: PathLike, validate: bool = True, embeddings: bool = True
     embeds = None
     embeds_path = root / EMBEDS_FILE
     if embeddings and embeds_path.is_file():
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(embeds_path))
-        if EMBEDS_KEY not in tensors:
-            raise ValueError(f"{embeds_path}: expected a tensor named {EMBEDS_KEY!r}, found {sorted(tensors)}")
-        embeds = tensors[EMBEDS_KEY]
-        if embeds.ndim != 2 or embeds.shape[0] != len(profiles):
-            raise ValueError(
-                f"{embeds_path}: tensor {EMBEDS_KEY!r} must be ({len(profiles)}, dim) to match profiles.jsonl, "
-                f"got {tuple(embeds.shape)}"
-            )
+        embeds = read_profile_embeds(embeds_path, rows=len(profiles))
     for name, records in splits.items():
         for record in records:
             idx = record["profile_index"]
@@ -314,7 +342,7 @@ def load_prepared(path: PathLike, validate: bool = True, embeddings: bool = True
                 )
     truth_value = None
     if truth and (root / "truth.json").is_file():
-        truth_value = json.loads((root / "truth.json").read_text(encoding="utf-8"))
+        truth_value = read_json(root / "truth.json", dict)
     return PreparedData(
         path=root,
         train=splits["train"],

@@ -8,7 +8,10 @@ uniformly without replacement from the available (non-missing) pairs, each split
 Held-out profiles (zero-shot): ``holdout_countries`` holds out every profile of those countries;
 ``holdout_fraction`` a seeded fraction of the distinct profile texts (over all three splits, sorted, then
 permuted). Participants with a held-out profile are removed from ``train`` and ``valid`` entirely, and ``test`` is
-restricted to them; their records carry ``held_out: true``. Both removals are counted in the manifest.
+restricted to them; their records carry ``held_out: true``. Both removals are counted in the manifest. With
+``held_out_pairs={"test": M}`` (or ``"valid"``) that split is stratified instead: its own count of pairs from
+seen profiles plus M pairs from held-out profiles, so zero-shot accuracy has enough pairs (and the valid split can
+measure it without touching the test split).
 """
 
 from __future__ import annotations
@@ -71,25 +74,40 @@ class HoldoutSpec:
     # the test split normally holds only the held-out profiles (the paper's zero-shot protocol); with this on it also
     # keeps the seen profiles' test participants (held_out: false), so one prepared folder gives both accuracies
     test_keeps_seen: bool = False
+    # (split, n): stratified splits (valid / test) that hold n pairs of held-out profiles beside the split's own
+    # count of seen-profile pairs (so a zero-shot accuracy has enough pairs, and the valid split can measure it too)
+    held_out_pairs: tuple = ()
 
     def __post_init__(self) -> None:
+        pairs = dict(self.held_out_pairs.items() if isinstance(self.held_out_pairs, Mapping) else self.held_out_pairs)
+        for split, n in pairs.items():
+            if split not in ("valid", "test"):
+                raise ValueError(f"held-out pairs can be asked for the valid and test splits, not {split!r}")
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+                raise ValueError(f"held-out {split} pairs must be a non-negative integer, got {n!r}")
+        object.__setattr__(self, "held_out_pairs", tuple(sorted((k, int(v)) for k, v in pairs.items())))
         if self.countries and self.fraction:
             raise ValueError("hold out by countries or by fraction, not both")
         if not 0.0 <= float(self.fraction) < 1.0:
             raise ValueError(f"holdout fraction must be in [0, 1), got {self.fraction!r}")
         clean = tuple(dict.fromkeys(" ".join(str(c).split()) for c in self.countries if str(c).strip()))
         object.__setattr__(self, "countries", clean)
+        if self.held_out_pairs and not self.active:
+            raise ValueError("held-out pairs were asked for, but no profile is held out (give holdout countries)")
 
     @property
     def active(self) -> bool:
         return bool(self.countries) or self.fraction > 0
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "countries": list(self.countries),
             "fraction": float(self.fraction),
             "test_keeps_seen": bool(self.test_keeps_seen),
         }
+        if self.held_out_pairs:
+            out["held_out_pairs"] = dict(self.held_out_pairs)
+        return out
 
 
 def _all_profile_texts(data: WVBData) -> dict[str, Any]:
@@ -189,6 +207,18 @@ def select_pairs(
             continue
         part = data.splits[split]
         is_held = np.array([p.to_text() in held for p in part.profiles], dtype=bool)
+        stratified = dict(holdout.held_out_pairs)
+        if holdout.active and split in stratified:
+            # counts[split] pairs of seen profiles plus the asked number of held-out-profile pairs (own stream)
+            sel.participants_removed[split] = {}
+            sel.participants_used[split] = int(part.num_participants)
+            sel.pairs_available[split] = int(part.valid.sum())
+            seen = sample_pairs(part.valid, counts[split], seed, _STREAM[split], allowed_rows=~is_held,
+                                name=f"--{split}-pairs ({split} split, seen profiles)")
+            held_pairs = sample_pairs(part.valid, stratified[split], seed, _STREAM[split] + 100, allowed_rows=is_held,
+                                      name=f"held-out {split} pairs ({split} split, held-out profiles)")
+            sel.pairs[split] = np.concatenate([seen, held_pairs], axis=0)
+            continue
         if holdout.active and split == "test" and holdout.test_keeps_seen:
             allowed = np.ones(part.num_participants, dtype=bool)
             sel.participants_removed[split] = {}
@@ -269,6 +299,7 @@ def prepare_wvb(
     holdout_countries: Optional[Sequence[str]] = None,
     holdout_fraction: Optional[float] = None,
     holdout_test_keeps_seen: bool = False,
+    held_out_pairs: Optional[Mapping[str, int]] = None,
     encoder: Any = "default",
     encoder_device: Optional[str] = "auto",
     question_ids: Optional[Sequence[str]] = None,
@@ -290,6 +321,7 @@ def prepare_wvb(
         countries=tuple(holdout_countries or ()),
         fraction=float(holdout_fraction or 0.0),
         test_keeps_seen=holdout_test_keeps_seen,
+        held_out_pairs=tuple((held_out_pairs or {}).items()),
     )
     selection = select_pairs(
         data, train_pairs=train_pairs, test_pairs=test_pairs, valid_pairs=valid_pairs, seed=seed, holdout=spec
@@ -359,7 +391,6 @@ def prepare_wvb(
                 "ids": data.question_ids,
                 "recoded": {qid: data.recoded[qid] for qid in data.recoded},
                 "unlabelled_options": {q.id: list(q.unlabelled) for q in data.questions if q.unlabelled},
-                "absent_columns": data.absent_columns,
             },
             "counts": {
                 "participants": {s: p.num_participants for s, p in data.splits.items()},

@@ -9,12 +9,23 @@ The generator writes the files the real WVB loader (:func:`cuma.data.wvb.load_wv
 
 Model (all draws from ``numpy.random.default_rng`` streams derived from the seed, so a seed gives identical bytes):
 
-1. **Participants.** Country uniform over ``countries`` invented countries; religion from the country's religion mix;
+1. **Participants.** Country uniform over ``countries`` countries; religion from the country's religion mix;
    age group, gender, education, marital status, employment (correlated with age) and ethnicity (mostly the
    country's majority group) from fixed distributions. About 1% of education / employment answers are missing codes.
+   ``country_set="zones"`` (the default) takes real countries grouped by the Inglehart-Welzel cultural zones of the
+   World Values Survey's cultural map (:data:`ZONES`: Protestant Europe, English-speaking, Catholic Europe, Orthodox
+   Europe, Confucian, West & South Asia, African-Islamic, Latin America), round-robin over the chosen ``zones``;
+   ``country_set="invented"`` takes the invented names of :data:`COUNTRIES`, which a sentence encoder has no prior
+   about (so zero-shot transfer to an unseen one cannot work). Religion mixes are rough, illustrative shares.
+   ``profile_fields`` limits the demographic columns that carry values (the others are written as missing, so the
+   profile sentence holds only those fields).
 2. **Latent cultural mode.** ``p(mode | profile) = softmax(country_logits[c] + religion_logits[r] + age_logits[a])``:
    each country has a dominant mode (``+country_strength``, plus N(0, 0.4) noise on every mode), each religion a
    preferred mode (``+religion_strength``), the young (16-34) and the old (55+) one mode each (``+age_strength``).
+   With zones a religion prefers the mode of the zones where it is most common; with invented countries, a random
+   one. With zones, a country's dominant mode is its zone's (the zones, in their order around the map, share the modes in
+   contiguous runs: with as many modes as zones each zone has its own); with invented countries modes are dealt out
+   at random.
    Country predicts the mode strongly, religion and age weakly; the mode itself is never written anywhere except
    as probabilities in ``truth.json``. Each participant draws ONE mode and answers every question from it.
 3. **Answers.** Each question has one answer distribution per mode over its options: a peak at an option with a
@@ -89,6 +100,92 @@ COUNTRIES: tuple[tuple[str, int, str, dict[str, float]], ...] = (
     ("Tavoria", 911, "Tavorian", {"Protestant": 0.5, "Roman Catholic": 0.2, "No religion": 0.3}),
     ("Norvinde", 912, "Norvindish", {"No religion": 0.45, "Protestant": 0.45, "Muslim": 0.1}),
 )
+# Inglehart-Welzel cultural zones (World Values Survey cultural map), in their order around the map (neighbouring
+# zones are neighbours on it): zone -> (name, ISO 3166 numeric code, demonym, religion mix). Real country names, so a
+# sentence encoder knows which are alike; the religion mixes are rough illustrative shares, not survey figures.
+ZONES: dict[str, tuple[tuple[str, int, str, dict[str, float]], ...]] = {
+    "Protestant Europe": (
+        ("Sweden", 752, "Swedish", {"No religion": 0.55, "Protestant": 0.4, "Muslim": 0.05}),
+        ("Norway", 578, "Norwegian", {"Protestant": 0.6, "No religion": 0.35, "Muslim": 0.05}),
+        ("Denmark", 208, "Danish", {"Protestant": 0.7, "No religion": 0.25, "Muslim": 0.05}),
+        ("Finland", 246, "Finnish", {"Protestant": 0.7, "No religion": 0.27, "Orthodox": 0.03}),
+        ("Netherlands", 528, "Dutch", {"No religion": 0.55, "Roman Catholic": 0.2, "Protestant": 0.15, "Muslim": 0.1}),
+        ("Germany", 276, "German", {"No religion": 0.4, "Protestant": 0.28, "Roman Catholic": 0.27, "Muslim": 0.05}),
+    ),
+    "English-speaking": (
+        ("United States", 840, "American", {"Protestant": 0.45, "Roman Catholic": 0.2, "No religion": 0.35}),
+        ("United Kingdom", 826, "British", {"No religion": 0.5, "Protestant": 0.35, "Roman Catholic": 0.1, "Muslim": 0.05}),
+        ("Canada", 124, "Canadian", {"Roman Catholic": 0.3, "Protestant": 0.25, "No religion": 0.4, "Muslim": 0.05}),
+        ("Australia", 36, "Australian", {"No religion": 0.4, "Protestant": 0.3, "Roman Catholic": 0.25, "Buddhist": 0.05}),
+        ("New Zealand", 554, "New Zealander", {"No religion": 0.5, "Protestant": 0.35, "Roman Catholic": 0.15}),
+        ("Ireland", 372, "Irish", {"Roman Catholic": 0.75, "No religion": 0.2, "Protestant": 0.05}),
+    ),
+    "Catholic Europe": (
+        ("France", 250, "French", {"Roman Catholic": 0.45, "No religion": 0.45, "Muslim": 0.1}),
+        ("Spain", 724, "Spanish", {"Roman Catholic": 0.65, "No religion": 0.33, "Muslim": 0.02}),
+        ("Italy", 380, "Italian", {"Roman Catholic": 0.8, "No religion": 0.18, "Muslim": 0.02}),
+        ("Portugal", 620, "Portuguese", {"Roman Catholic": 0.8, "No religion": 0.18, "Protestant": 0.02}),
+        ("Austria", 40, "Austrian", {"Roman Catholic": 0.6, "No religion": 0.3, "Muslim": 0.07, "Protestant": 0.03}),
+        ("Poland", 616, "Polish", {"Roman Catholic": 0.9, "No religion": 0.1}),
+    ),
+    "Orthodox Europe": (
+        ("Russia", 643, "Russian", {"Orthodox": 0.6, "No religion": 0.3, "Muslim": 0.1}),
+        ("Ukraine", 804, "Ukrainian", {"Orthodox": 0.75, "No religion": 0.15, "Roman Catholic": 0.1}),
+        ("Romania", 642, "Romanian", {"Orthodox": 0.85, "Roman Catholic": 0.05, "Protestant": 0.05, "No religion": 0.05}),
+        ("Serbia", 688, "Serbian", {"Orthodox": 0.85, "Roman Catholic": 0.05, "Muslim": 0.05, "No religion": 0.05}),
+        ("Bulgaria", 100, "Bulgarian", {"Orthodox": 0.7, "Muslim": 0.1, "No religion": 0.2}),
+        ("Greece", 300, "Greek", {"Orthodox": 0.9, "No religion": 0.08, "Muslim": 0.02}),
+    ),
+    "Confucian": (
+        ("China", 156, "Chinese", {"No religion": 0.8, "Buddhist": 0.18, "Protestant": 0.02}),
+        ("Japan", 392, "Japanese", {"No religion": 0.6, "Buddhist": 0.38, "Protestant": 0.02}),
+        ("South Korea", 410, "Korean", {"No religion": 0.5, "Protestant": 0.2, "Buddhist": 0.15, "Roman Catholic": 0.15}),
+        ("Taiwan", 158, "Taiwanese", {"No religion": 0.55, "Buddhist": 0.35, "Protestant": 0.1}),
+        ("Hong Kong", 344, "Hong Konger", {"No religion": 0.65, "Buddhist": 0.15, "Protestant": 0.12, "Roman Catholic": 0.08}),
+        ("Macau", 446, "Macanese", {"No religion": 0.6, "Buddhist": 0.3, "Roman Catholic": 0.1}),
+    ),
+    "West & South Asia": (
+        ("India", 356, "Indian", {"Hindu": 0.8, "Muslim": 0.14, "Protestant": 0.03, "Buddhist": 0.03}),
+        ("Thailand", 764, "Thai", {"Buddhist": 0.93, "Muslim": 0.05, "No religion": 0.02}),
+        ("Philippines", 608, "Filipino", {"Roman Catholic": 0.8, "Protestant": 0.1, "Muslim": 0.1}),
+        ("Sri Lanka", 144, "Sri Lankan", {"Buddhist": 0.7, "Hindu": 0.12, "Muslim": 0.1, "Roman Catholic": 0.08}),
+        ("Nepal", 524, "Nepali", {"Hindu": 0.8, "Buddhist": 0.1, "Muslim": 0.05, "No religion": 0.05}),
+        ("Myanmar", 104, "Burmese", {"Buddhist": 0.88, "Protestant": 0.06, "Muslim": 0.04, "Hindu": 0.02}),
+    ),
+    "African-Islamic": (
+        ("Nigeria", 566, "Nigerian", {"Muslim": 0.5, "Protestant": 0.35, "Roman Catholic": 0.15}),
+        ("Egypt", 818, "Egyptian", {"Muslim": 0.9, "Orthodox": 0.1}),
+        ("Pakistan", 586, "Pakistani", {"Muslim": 0.97, "Hindu": 0.02, "Protestant": 0.01}),
+        ("Morocco", 504, "Moroccan", {"Muslim": 0.99, "No religion": 0.01}),
+        ("Jordan", 400, "Jordanian", {"Muslim": 0.95, "Orthodox": 0.05}),
+        ("Kenya", 404, "Kenyan", {"Protestant": 0.6, "Roman Catholic": 0.2, "Muslim": 0.15, "No religion": 0.05}),
+    ),
+    "Latin America": (
+        ("Mexico", 484, "Mexican", {"Roman Catholic": 0.8, "Protestant": 0.1, "No religion": 0.1}),
+        ("Brazil", 76, "Brazilian", {"Roman Catholic": 0.55, "Protestant": 0.3, "No religion": 0.15}),
+        ("Argentina", 32, "Argentine", {"Roman Catholic": 0.65, "No religion": 0.2, "Protestant": 0.15}),
+        ("Colombia", 170, "Colombian", {"Roman Catholic": 0.7, "Protestant": 0.18, "No religion": 0.12}),
+        ("Peru", 604, "Peruvian", {"Roman Catholic": 0.75, "Protestant": 0.17, "No religion": 0.08}),
+        ("Chile", 152, "Chilean", {"Roman Catholic": 0.5, "Protestant": 0.15, "No religion": 0.35}),
+    ),
+}
+COUNTRY_SETS = ("zones", "invented")
+# each zone's approximate place on the Inglehart-Welzel map (traditional -> secular-rational values, survival ->
+# self-expression values), read off the published 2023 map; mode_layout "map" places the modes there
+ZONE_MAP: dict[str, tuple[float, float]] = {
+    "Protestant Europe": (1.5, 2.0),
+    "English-speaking": (0.3, 1.8),
+    "Catholic Europe": (0.6, 0.8),
+    "Orthodox Europe": (0.7, -1.0),
+    "Confucian": (1.6, -0.6),
+    "West & South Asia": (-0.4, -0.6),
+    "African-Islamic": (-1.4, -0.6),
+    "Latin America": (-1.2, 0.6),
+}
+MODE_LAYOUTS = ("random", "map")
+# the profile fields a synthetic population can carry (WVB demographic columns); all by default
+PROFILE_COLUMNS = ("B_COUNTRY", "X003R", "Q260", "Q275", "Q273", "Q289", "Q290", "Q279")
+
 RELIGIONS: tuple[str, ...] = (
     "No religion", "Roman Catholic", "Protestant", "Orthodox", "Muslim", "Hindu", "Buddhist",
 )  # fmt: skip
@@ -132,6 +229,17 @@ class SynthConfig:
     modes: int = 4
     seed: int = 0
     countries: int = 10
+    # "zones": real countries of the Inglehart-Welzel zones (ZONES); "invented": invented names (no encoder prior)
+    country_set: str = "zones"
+    zones: tuple = ()  # zone names (country_set "zones"); empty: all eight, in map order
+    profile_fields: tuple = ()  # WVB demographic columns that carry values (PROFILE_COLUMNS); empty: all
+    # "random": on each question the modes peak at random places of the scale; "map" (zones only): they peak in the
+    # order of their places on the cultural map along a random direction of it (modes close on the map answer alike)
+    mode_layout: str = "random"
+    # a mode's answer distribution: a peak with Gaussian fall-off (width x answer_width) mixed with answer_noise of
+    # uniform answers; smaller values give participants who answer closer to their mode
+    answer_width: float = 1.0
+    answer_noise: float = 0.08
     missing_rate: float = 0.03
     agree_fraction: float = 0.15
     country_strength: float = 2.2
@@ -148,14 +256,35 @@ class SynthConfig:
             return ok and (hi is None or value <= hi)
 
         pool = _pool_size(question_pool())
+        unknown_zones = [z for z in self.zones if z not in ZONES]
+        unknown_fields = [f for f in self.profile_fields if f not in PROFILE_COLUMNS]
+        if self.country_set not in COUNTRY_SETS:
+            raise ValueError(f"--country-set must be one of {list(COUNTRY_SETS)}, got {self.country_set!r}")
+        if self.mode_layout not in MODE_LAYOUTS:
+            raise ValueError(f"mode_layout must be one of {list(MODE_LAYOUTS)}, got {self.mode_layout!r}")
+        if self.mode_layout == "map" and self.country_set != "zones":
+            raise ValueError("mode_layout 'map' needs country_set 'zones' (invented countries have no map place)")
+        if unknown_zones:
+            raise ValueError(f"--zones: unknown zone(s) {unknown_zones}; zones: {list(ZONES)}")
+        if len(set(self.zones)) != len(self.zones):
+            raise ValueError(f"--zones lists a zone twice: {list(self.zones)}")
+        if unknown_fields or (self.profile_fields and "B_COUNTRY" not in self.profile_fields):
+            raise ValueError(
+                f"profile_fields must be WVB demographic columns among {list(PROFILE_COLUMNS)} and include B_COUNTRY, "
+                f"got {list(self.profile_fields)}"
+            )
+        available = len(_country_table(self))
         checks = [
             (whole(self.participants, 20, None), f"--participants must be an integer >= 20, got {self.participants!r}"),
             (whole(self.questions, 1, pool), f"--questions must be 1..{pool}, got {self.questions!r}"),
             (whole(self.modes, 2, 12), f"--modes must be 2..12, got {self.modes!r}"),
-            (whole(self.countries, 2, len(COUNTRIES)), f"--countries must be 2..{len(COUNTRIES)}, got {self.countries!r}"),
+            (whole(self.countries, 2, available),
+             f"--countries must be 2..{available} for country set {self.country_set!r}, got {self.countries!r}"),
             (whole(self.seed, 0, None), f"--seed must be a non-negative integer, got {self.seed!r}"),
             (0.0 <= self.missing_rate < 0.5, f"missing_rate must be in [0, 0.5), got {self.missing_rate!r}"),
             (0.0 <= self.agree_fraction <= 1.0, f"agree_fraction must be in [0, 1], got {self.agree_fraction!r}"),
+            (self.answer_width > 0, f"answer_width must be > 0, got {self.answer_width!r}"),
+            (0.0 <= self.answer_noise < 1.0, f"answer_noise must be in [0, 1), got {self.answer_noise!r}"),
             (
                 0 < self.train_fraction and 0 < self.valid_fraction and self.train_fraction + self.valid_fraction < 1,
                 "train_fraction and valid_fraction must be positive and sum to less than 1",
@@ -164,6 +293,30 @@ class SynthConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+def _country_table(config: "SynthConfig") -> list[tuple[str, int, str, dict[str, float], Optional[str]]]:
+    """Every country the config can draw from, in drawing order: (name, code, demonym, religion mix, zone)."""
+    if config.country_set == "invented":
+        return [(*c, None) for c in COUNTRIES]
+    zones = list(config.zones) or list(ZONES)
+    out = []
+    for i in range(max(len(ZONES[z]) for z in zones)):  # round-robin: the first country of every zone, then ...
+        for z in zones:
+            if i < len(ZONES[z]):
+                out.append((*ZONES[z][i], z))
+    return out
+
+
+def _dominant_modes(countries, modes: int, rng: np.random.Generator) -> np.ndarray:
+    """Each country's dominant mode: its zone's (zones share modes in contiguous runs of the map order), or dealt
+    out at random for invented countries."""
+    if countries[0][4] is None:
+        return rng.permutation(np.arange(len(countries)) % modes)
+    zones = list(dict.fromkeys(c[4] for c in countries))
+    order = sorted(zones, key=list(ZONES).index)  # map order
+    zone_mode = {z: (i * modes) // len(order) for i, z in enumerate(order)}
+    return np.array([zone_mode[c[4]] for c in countries])
 
 
 # --------------------------------------------------------------------------------------------------------- questions
@@ -312,12 +465,20 @@ def _metadata_text(lo: int, hi: int, labels: Sequence[str], body: str) -> str:
 
 
 def _mode_distributions(
-    k: int, modes: int, agree: bool, rng: np.random.Generator
+    k: int, modes: int, agree: bool, rng: np.random.Generator, positions: Optional[np.ndarray] = None,
+    width_scale: float = 1.0, uniform_mix: float = 0.08,
 ) -> np.ndarray:
-    """(modes, k) answer distributions of one question."""
-    width = max(0.55, 0.18 * (k - 1)) * rng.uniform(0.8, 1.3)
+    """(modes, k) answer distributions of one question. ``positions`` (modes, 2): the modes' places on the cultural
+    map; the question then has a random direction on the map and the modes' peaks lie along the answer scale in the
+    order of their projections on it (the two extremes at the two ends), so modes close on the map answer alike."""
+    width = max(0.55, 0.18 * (k - 1)) * rng.uniform(0.8, 1.3) * width_scale
     if agree:
         peaks = np.full(modes, int(rng.integers(k)))
+    elif positions is not None:
+        angle = rng.uniform(0.0, 2.0 * np.pi)
+        proj = positions @ np.array([np.cos(angle), np.sin(angle)])
+        span = proj.max() - proj.min()
+        peaks = (proj - proj.min()) / (span if span > 0 else 1.0) * (k - 1)  # continuous places on the scale
     elif k >= modes:
         spread = np.round(np.linspace(0, k - 1, modes)).astype(int)
         peaks = rng.permutation(spread)
@@ -328,7 +489,7 @@ def _mode_distributions(
     logits = -((grid - peaks[:, None]) ** 2) / (2 * width**2)
     p = np.exp(logits)
     p /= p.sum(axis=1, keepdims=True)
-    p = 0.92 * p + 0.08 / k
+    p = (1.0 - uniform_mix) * p + uniform_mix / k
     return p / p.sum(axis=1, keepdims=True)
 
 
@@ -431,19 +592,37 @@ def generate(config: SynthConfig = SynthConfig()) -> SyntheticPopulation:
     P, M = config.participants, config.modes
 
     # ---- structure: countries, mode logits, questions
-    countries = list(COUNTRIES[: config.countries])
+    countries = _country_table(config)[: config.countries]
     C = len(countries)
-    dominant = rng_struct.permutation(np.arange(C) % M)
+    dominant = _dominant_modes(countries, M, rng_struct)
     country_logits = rng_struct.normal(0.0, 0.4, size=(C, M))
     country_logits[np.arange(C), dominant] += config.country_strength
     religion_logits = np.zeros((len(RELIGIONS), M))
     religion_pref = rng_struct.integers(M, size=len(RELIGIONS))
+    if countries[0][4] is not None:
+        # with real zones a religion leans to the mode of the zones where it is most common (Orthodox believers to
+        # Orthodox Europe's values, ...); a religion no chosen country has keeps its random preference
+        share = np.zeros((len(RELIGIONS), M))
+        for ci, (_, _, _, mix, _) in enumerate(countries):
+            for r, w in mix.items():
+                share[RELIGIONS.index(r), dominant[ci]] += w
+        religion_pref = np.where(share.sum(1) > 0, share.argmax(1), religion_pref)
     religion_logits[np.arange(len(RELIGIONS)), religion_pref] += config.religion_strength
     young_mode, old_mode = (int(x) for x in rng_struct.choice(M, size=2, replace=False))
     age_logits = np.zeros((len(AGE_GROUPS), M))
     age_logits[[0, 1], young_mode] += config.age_strength
     age_logits[[4, 5], old_mode] += config.age_strength
 
+    mode_positions = None
+    if config.mode_layout == "map":
+        if countries[0][4] is None:
+            raise ValueError("mode_layout 'map' needs country_set 'zones' (invented countries have no map place)")
+        # a mode's place: the mean place of the zones whose mode it is
+        places = np.zeros((M, 2))
+        for m in range(M):
+            zones_m = sorted({c[4] for ci, c in enumerate(countries) if dominant[ci] == m})
+            places[m] = np.mean([ZONE_MAP[z] for z in zones_m], axis=0) if zones_m else rng_struct.normal(size=2)
+        mode_positions = places
     picks = _select_questions(config.questions, rng_struct)
     Q = len(picks)
     n_agree = min(Q, max(1, round(config.agree_fraction * Q))) if Q >= 3 and config.agree_fraction > 0 else 0
@@ -456,12 +635,14 @@ def generate(config: SynthConfig = SynthConfig()) -> SyntheticPopulation:
         lo, hi = fam.scale
         values = list(range(lo, hi + 1))
         assert len(values) == len(labels), (fam.key, item)
-        qinfo.append((fam, labels, body, values, _mode_distributions(len(values), M, bool(agree[j]), rng_struct)))
+        qinfo.append((fam, labels, body, values,
+                      _mode_distributions(len(values), M, bool(agree[j]), rng_struct, mode_positions,
+                                          config.answer_width, config.answer_noise)))
 
     # ---- participants
     c_idx = rng_pop.integers(C, size=P)
     rel_idx = np.empty(P, dtype=int)
-    for ci, (_, _, _, mix) in enumerate(countries):
+    for ci, (_, _, _, mix, _) in enumerate(countries):
         members = np.flatnonzero(c_idx == ci)
         names = list(mix)
         draw = _choice(rng_pop, len(members), [mix[k] for k in names])
@@ -509,10 +690,12 @@ def generate(config: SynthConfig = SynthConfig()) -> SyntheticPopulation:
     width = max(5, len(str(P)))
     seq = np.zeros(C, dtype=int)
     demographic_rows, value_rows = [], []
+    kept = set(config.profile_fields or PROFILE_COLUMNS)
+    blank = [DEMOGRAPHIC_COLUMNS.index(c) for c in PROFILE_COLUMNS if c not in kept]
     for i in range(P):
-        name, code, demonym, _ = countries[c_idx[i]]
+        name, code, demonym, _, _ = countries[c_idx[i]]
         seq[c_idx[i]] += 1
-        pid = f"{code}07{seq[c_idx[i]]:0{width}d}"
+        pid = f"{code:03d}07{seq[c_idx[i]]:0{width}d}"
         if eth_draw[i] < 0.82:
             ethnic = demonym
         elif eth_draw[i] < 0.97:
@@ -525,6 +708,8 @@ def generate(config: SynthConfig = SynthConfig()) -> SyntheticPopulation:
             "" if emp_missing[i] else EMPLOYMENT[emp_idx[i]],
             RELIGIONS[rel_idx[i]], ethnic,
         ])  # fmt: skip
+        for col in blank:  # columns outside profile_fields: not asked in this survey
+            demographic_rows[-1][col] = ""
         row = [pid]
         for j in range(Q):
             if missing[i, j]:
@@ -543,7 +728,7 @@ def generate(config: SynthConfig = SynthConfig()) -> SyntheticPopulation:
         "D_INTERVIEW": {"question": "Interview ID", "question_instruction": "Synthetic interview id: country code, "
                         "07, running number", "type": "objective", "choices": {}},
         "B_COUNTRY": {"question": "Country code (synthetic)", "question_instruction": "", "type": "multiple_choice",
-                      "choices": {str(code): name for name, code, _, _ in countries}},
+                      "choices": {str(code): name for name, code, _, _, _ in countries}},
         "X003R": {"question": "Age recoded (6 intervals)", "question_instruction": "", "type": "multiple_choice",
                   "choices": {**{str(i + 1): a for i, a in enumerate(AGE_GROUPS)}, "-5": MISSING_CODES["-5"]}},
         "Q260": {"question": "Sex", "question_instruction": "", "type": "multiple_choice",
@@ -560,7 +745,7 @@ def generate(config: SynthConfig = SynthConfig()) -> SyntheticPopulation:
                  "choices": {**{str(RELIGION_CODES[r]): r for r in RELIGIONS}, "-1": MISSING_CODES["-1"],
                              "-2": MISSING_CODES["-2"]}},
         "Q290": {"question": "Ethnic group", "question_instruction": "", "type": "multiple_choice",
-                 "choices": {**{str(code * 1000 + 1): dem for _, code, dem, _ in countries}, "999": "Other",
+                 "choices": {**{str(code * 1000 + 1): dem for _, code, dem, _, _ in countries}, "999": "Other",
                              "-4": "Not asked in this country"}},
     }  # fmt: skip
     adjustment: dict[str, Any] = {}
@@ -626,8 +811,9 @@ def generate(config: SynthConfig = SynthConfig()) -> SyntheticPopulation:
         "config": asdict(config),
         "modes": M,
         "countries": {
-            name: {"dominant_mode": int(dominant[ci]), "mode_logits": [round(float(x), 6) for x in country_logits[ci]]}
-            for ci, (name, _, _, _) in enumerate(countries)
+            name: {"dominant_mode": int(dominant[ci]), "mode_logits": [round(float(x), 6) for x in country_logits[ci]],
+                   "zone": countries[ci][4]}
+            for ci, (name, _, _, _, _) in enumerate(countries)
         },
         "religion_preferred_mode": {r: int(religion_pref[k]) for k, r in enumerate(RELIGIONS)},
         "age_modes": {"young (16-34)": young_mode, "old (55+)": old_mode},

@@ -40,7 +40,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..profiles import WVB_FIELD_MAP, Profile, is_missing
-from ..runinfo import sha256_file
+from ..runinfo import not_utf8_error, read_text, sha256_file
 from .records import letters_for, make_record
 
 __all__ = [
@@ -317,9 +317,9 @@ def adjusted_options(
 
 
 def _load_json(path: Path, what: str) -> Any:
+    text = read_text(path)  # not UTF-8: a ValueError naming the file
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); expected {what}") from None
 
@@ -430,6 +430,8 @@ def _read_tsv(path: Path):
         raise ValueError(f"{path}: the file is empty; expected a header row starting with {ID_COLUMN}") from None
     except pd.errors.ParserError as err:
         raise ValueError(f"{path}: not a tab-separated table ({err})") from None
+    except UnicodeDecodeError:
+        raise not_utf8_error(path) from None
     frame.columns = [str(c).strip() for c in frame.columns]
     if ID_COLUMN not in frame.columns:
         raise ValueError(f"{path}: no {ID_COLUMN} column; expected a header row with {ID_COLUMN} and the question ids")
@@ -492,8 +494,6 @@ class WVBData:
     demographic_missing: dict[str, int] = field(default_factory=dict)
     # demographic cells that held a numeric code and were mapped to their codebook label
     demographic_codes_mapped: dict[str, int] = field(default_factory=dict)
-    # value questions of the metadata absent from a split's value TSV (all answers counted as missing there)
-    absent_columns: dict[str, list[str]] = field(default_factory=dict)
     # question id -> {raw code: adjusted value or ""} for the loaded questions that answer_adjustment.json recodes
     recoded: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -762,13 +762,15 @@ def load_wvb(
         answers = np.full((len(value_ids), len(questions)), ANSWER_MISSING, dtype=np.int32)
         valid = np.zeros((len(value_ids), len(questions)), dtype=bool)
         split_drops = Counter()
-        absent: list[str] = []
+        absent = [q.id for q in questions if q.id not in value.columns]
+        if absent:
+            raise ValueError(
+                f"{vpath}: no column for the value questions {absent[:10]}"
+                + (f" (and {len(absent) - 10} more)" if len(absent) > 10 else "")
+                + f" of {paths.question_metadata}; expected one column per value question (or keep only the "
+                "questions that are there with --question-ids)"
+            )
         for j, q in enumerate(questions):
-            if q.id not in value.columns:
-                absent.append(q.id)
-                split_drops[DROP_EMPTY] += len(value_ids)
-                by_question[q.id][DROP_EMPTY] += len(value_ids)
-                continue
             drops = Counter()
             vals, ok = _parse_value_column(
                 vpath, q.id, value[q.id].tolist(), value_ids, q, value_labels[q.id], value_missing_labels[q.id], drops
@@ -777,8 +779,6 @@ def load_wvb(
             valid[:, j] = ok
             split_drops.update(drops)
             by_question[q.id].update(drops)
-        if absent:
-            data.absent_columns[split] = absent
         total.update(split_drops)
         data.dropped_by_split[split] = {r: int(split_drops.get(r, 0)) for r in DROP_REASONS}
         data.splits[split] = WVBSplit(

@@ -178,13 +178,21 @@ def run_choice(args: argparse.Namespace) -> int:
     from ..data.conversations import read_preference_split
     from ..data.prompts import letter_token_ids
     from ..data.records import write_jsonl
-    from ..methods import select_fewshot
+    from .fewshot import select_fewshot
     from .choice import accuracy, country_accuracy, macro_f1, mean_normalized_entropy
     from .report import atomic_write_json, package_versions
     from .scoring import load_profile_table, score_prompts
 
+    from ..data.records import SPLITS, read_jsonl_numbered
+
     t0 = time.perf_counter()
-    raw = read_preference_split(args.data, "choice", args.split)
+    if args.split not in SPLITS:
+        raise ValueError(f"--split: unknown split {args.split!r}; expected one of {list(SPLITS)}")
+    choice_path = os.path.join(args.data, f"choice_{args.split}.jsonl")
+    numbered = read_jsonl_numbered(choice_path)
+    for lineno, r in numbered:
+        _check_profile_index(r, f"{choice_path}:{lineno}: record {r.get('id')!r}")
+    raw = [r for _, r in numbered]
     records, dropped = [], {}
     for r in raw:
         ok = (isinstance(r.get("letters"), list) and isinstance(r.get("options"), list)
@@ -231,6 +239,15 @@ def run_choice(args: argparse.Namespace) -> int:
         if not os.path.isfile(emb):
             raise FileNotFoundError(f"method {method!r} routes on the profile but {emb} does not exist")
         table = load_profile_table(emb)
+        kept = {id(r) for r in records}
+        missing = next(((n, r) for n, r in numbered if id(r) in kept and r.get("profile_index") is None), None)
+        if missing is not None:
+            raise ValueError(f"{choice_path}:{missing[0]}: record {missing[1].get('id')!r} has no profile_index; "
+                             f"method {method!r} routes on the profile (a row of {emb})")
+        check_profile_rows(numbered, choice_path, table.shape[0], emb, keep=records)
+        if table.shape[1] != built.profile_dim:
+            raise ValueError(f"{emb} holds {table.shape[1]}-d profile embeddings but the adapter was built with "
+                             f"profile_dim={built.profile_dim}")
         rows = table[torch.as_tensor([int(r["profile_index"]) for r in records])]
     dists = score_prompts(model, tokenizer, prompts, letter_ids, batch_size=args.batch_size, profile_rows=rows,
                           progress=not args.no_progress, desc=f"choice {method}")
@@ -319,6 +336,48 @@ def validate_records(records: list[dict], need_profile_index: bool = False) -> t
     return kept, dropped
 
 
+def check_record_values(numbered: list[tuple[int, dict]], path: str) -> None:
+    """Values that would silently corrupt the metrics are errors naming ``file:line``, the record and the field: option
+    values off the question's scale (they would give EMDs above 1) and a ``profile_index`` that is not an integer."""
+    for lineno, rec in numbered:
+        at = f"{path}:{lineno}: record {rec.get('id')!r}"
+        lo, hi, values = rec.get("scale_min"), rec.get("scale_max"), rec.get("option_values")
+        if lo is not None or hi is not None:
+            for name, v in (("scale_min", lo), ("scale_max", hi)):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise ValueError(f"{at}: field {name!r} must be an integer, got {v!r}")
+            if lo > hi:
+                raise ValueError(f"{at}: scale_min {lo} is above scale_max {hi}")
+            if isinstance(values, list):
+                numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                off = [v for v in numbers if not lo <= v <= hi]
+                if off:
+                    raise ValueError(
+                        f"{at}: option_values {values} fall outside [scale_min, scale_max] = [{lo}, {hi}] ({off}); "
+                        "expected every option value on the question's scale"
+                    )
+        _check_profile_index(rec, at)
+
+
+def _check_profile_index(rec: dict, at: str, rows: Optional[int] = None, table: str = "") -> None:
+    idx = rec.get("profile_index")
+    if idx is None:
+        return
+    if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+        raise ValueError(f"{at}: field 'profile_index' must be a non-negative integer (a row of the profile table), "
+                         f"got {idx!r}")
+    if rows is not None and idx >= rows:
+        raise ValueError(f"{at}: profile_index {idx} is not a row of {table} ({rows} rows, 0..{rows - 1})")
+
+
+def check_profile_rows(numbered: list[tuple[int, dict]], path: str, rows: int, table: str, keep=None) -> None:
+    """Every (kept) record's ``profile_index`` is a row of the profile table ``table`` of ``rows`` rows."""
+    keep_ids = None if keep is None else {id(r) for r in keep}
+    for lineno, rec in numbered:
+        if keep_ids is None or id(rec) in keep_ids:
+            _check_profile_index(rec, f"{path}:{lineno}: record {rec.get('id')!r}", rows, table)
+
+
 # ----------------------------------------------------------------------------------------------- run
 
 
@@ -348,10 +407,12 @@ def _build_method(args, base):
         if not args.adapter:
             raise ValueError("pass --method (or --adapter with a cuma_method.json); methods: "
                              + ", ".join(methods.list_methods()))
-        rec = methods.read_record(args.adapter)
-        if not rec:
-            raise ValueError(f"{args.adapter} has no {methods.METHOD_FILE}; pass --method")
-        name = rec["method"]
+        if not os.path.isdir(args.adapter):
+            raise FileNotFoundError(f"--adapter {args.adapter}: folder does not exist")
+        try:  # cuma_method.json, else the adapter's own adapter_config.json
+            name = methods.infer_method(args.adapter)
+        except ValueError as err:
+            raise ValueError(f"{err} (--method)") from None
     spec = methods.get_spec(name)
     if args.fewshot_k is not None and spec.prompt_mode != "fewshot":
         raise ValueError(f"--fewshot-k applies to --method fewshot only, not {name!r}")
@@ -378,7 +439,7 @@ def _build_method(args, base):
                 "the prompting baselines vanilla, persona and fewshot need none"
             )
         if not os.path.isdir(args.adapter):
-            raise FileNotFoundError(f"adapter folder {args.adapter} does not exist")
+            raise FileNotFoundError(f"--adapter {args.adapter}: folder does not exist")
         built = methods.load(name, base, args.adapter)
     return built, name
 
@@ -401,6 +462,8 @@ def _run_wvb(args: argparse.Namespace) -> int:
     import torch
 
     from .. import models
+    from ..data.records import read_jsonl_numbered
+    from ..runinfo import read_json
     from .choice import compute_metrics
     from .report import atomic_write_json, build_summary, write_predictions_tsv
     from ..distributed import init_from_env, rank_and_world, score_records_distributed
@@ -415,13 +478,14 @@ def _run_wvb(args: argparse.Namespace) -> int:
     if not os.path.isdir(data):
         raise FileNotFoundError(f"data folder {data} does not exist; prepare it with cuma data wvb")
     split_path = os.path.join(data, f"{args.split}.jsonl")
-    raw = read_records(split_path)
+    numbered = read_jsonl_numbered(split_path)
+    check_record_values(numbered, split_path)
+    raw = [r for _, r in numbered]
     data_files = [split_path]
     manifest_path = os.path.join(data, "manifest.json")
     manifest = None
     if os.path.isfile(manifest_path):
-        with open(manifest_path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
+        manifest = read_json(manifest_path, dict, what="the prepared-data manifest")
         data_files.append(manifest_path)
 
     torch.manual_seed(args.seed)
@@ -455,6 +519,7 @@ def _run_wvb(args: argparse.Namespace) -> int:
                 f"{emb_path} holds {profile_table.shape[1]}-d profile embeddings but the adapter was built with "
                 f"profile_dim={built.profile_dim}; prepare the data with the encoder the adapter was trained with"
             )
+        check_profile_rows(numbered, split_path, profile_table.shape[0], emb_path, keep=records)
     profiles_path = os.path.join(data, "profiles.jsonl")
     if os.path.isfile(profiles_path):
         data_files.append(profiles_path)

@@ -62,6 +62,8 @@ def _method_of(summary: Mapping[str, Any]) -> Optional[str]:
 
 def load_run(path, label: Optional[str] = None) -> RunOutputs:
     """Read ``predictions.tsv`` (required), ``summary.json`` and ``generations.jsonl`` (optional) of a run folder."""
+    from ..data.records import read_jsonl
+    from ..runinfo import read_json
     from .report import read_predictions_tsv
 
     root = Path(path).expanduser()
@@ -71,17 +73,10 @@ def load_run(path, label: Optional[str] = None) -> RunOutputs:
     rows = read_predictions_tsv(preds) if preds.is_file() else []
     summary: dict[str, Any] = {}
     if (root / "summary.json").is_file():
-        summary = json.loads((root / "summary.json").read_text(encoding="utf-8"))
+        summary = read_json(root / "summary.json", dict, what="the summary `cuma eval` writes")
     gens = None
     if (root / GENERATIONS_FILE).is_file():
-        gens = []
-        with open(root / GENERATIONS_FILE, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        gens.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{root / GENERATIONS_FILE}:{lineno}: not valid JSON ({err.msg})") from None
+        gens = read_jsonl(root / GENERATIONS_FILE)  # not UTF-8 / not JSON: ValueError naming file:line
     if not rows and gens is None:
         raise FileNotFoundError(f"{root} holds neither predictions.tsv nor {GENERATIONS_FILE} (write one with "
                                 "`cuma eval wvb`)")  # fmt: skip
@@ -386,7 +381,7 @@ def write_collapse_report(
     run_dirs: Sequence, out, group_field: str = "country", labels: Optional[Sequence[str]] = None, min_rows: int = 1
 ) -> dict[str, Any]:
     """Read the run folders, write ``collapse.json``, ``collapse.md`` and the PNGs to ``out``; returns the result."""
-    from ..runinfo import atomic_write_json, atomic_write_text
+    from ..runinfo import atomic_write_json, atomic_write_text, staged_directory
 
     if not run_dirs:
         raise ValueError("give at least one run folder (--runs DIR ...)")
@@ -395,11 +390,10 @@ def write_collapse_report(
     runs = [load_run(d, labels[i] if labels else None) for i, d in enumerate(run_dirs)]
     if labels is None:
         _unique_labels(runs)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     result = analyze_runs(runs, group_field=group_field, min_rows=min_rows)
-    figures = _figures(result, runs, out)
-    result["figures"] = [Path(f).name for f in figures]
-    atomic_write_json(out / "collapse.json", result)
-    atomic_write_text(out / "collapse.md", _markdown(result, figures))
+    with staged_directory(out, last=("collapse.json",)) as stage:  # a failure leaves no partial report
+        figures = _figures(result, runs, stage)
+        result["figures"] = [Path(f).name for f in figures]
+        atomic_write_json(stage / "collapse.json", result)
+        atomic_write_text(stage / "collapse.md", _markdown(result, figures))
     return result

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -31,7 +32,9 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -166,6 +169,21 @@ class JudgeCache:
 # ---------------------------------------------------------------------------------------------------------- judges
 
 
+def sends_key_in_clear(url: str) -> bool:
+    """Whether a request to ``url`` would carry a bearer key unencrypted off this machine: ``http://`` to a host that
+    is not a loopback name or address (``localhost``, ``127.0.0.0/8``, ``::1``)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return True
+
+
 class Judge:
     """Base class: ``await compare(prompt, profile_text, answer_a, answer_b) -> "A" | "B" | "tie" | None``."""
 
@@ -255,6 +273,9 @@ class HTTPJudge(Judge):
         self.max_tokens = int(max_tokens)
         self.extra_body = dict(extra_body or {})
         self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="cuma-judge")
+        self._warned_plain_http = False
+        if self.api_key_env and os.environ.get(self.api_key_env):
+            self._warn_plain_http()
 
     def __repr__(self) -> str:  # never shows the key
         return f"HTTPJudge(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
@@ -275,8 +296,21 @@ class HTTPJudge(Judge):
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
+            self._warn_plain_http()
             headers["Authorization"] = f"Bearer {key}"
         return headers
+
+    def _warn_plain_http(self) -> None:
+        """Once per judge: the API key is about to travel unencrypted to a host other than this machine."""
+        if self._warned_plain_http or not sends_key_in_clear(self.url):
+            return
+        self._warned_plain_http = True
+        warnings.warn(
+            f"the judge sends the API key from ${self.api_key_env} as a bearer token over plain http:// to "
+            f"{urllib.parse.urlsplit(self.url).hostname}, which is not this machine: anyone on the network path can "
+            "read it. Use an https:// URL, or unset the variable for a server that needs no key.",
+            stacklevel=3,
+        )
 
     def _sleep(self, attempt: int) -> None:
         time.sleep(min(self.max_backoff, self.backoff * (2 ** attempt)))

@@ -82,7 +82,7 @@ class PromptBuilder:
         if self.k > 0:
             if not fewshot_pool:
                 raise ValueError("few-shot prompting needs training records to draw shots from (fewshot_pool is empty)")
-            from ..methods import _field
+            from .fewshot import _field
 
             self._field = _field
             for r in fewshot_pool:
@@ -95,7 +95,7 @@ class PromptBuilder:
     def shots(self, record: Mapping[str, Any]) -> Optional[list]:
         if self.k == 0:
             return None
-        from ..methods import select_fewshot
+        from .fewshot import select_fewshot
 
         value = self._field(record, self.key)
         sub = self.groups.get(value) if self.groups and value is not None else None
@@ -136,16 +136,11 @@ def letter_ids_for(tokenizer, records: Sequence[Mapping[str, Any]]) -> list[list
 
 
 def load_profile_table(path: str) -> torch.Tensor:
-    """The ``profile_embeds`` tensor ``(num_profiles, dim)`` of a prepared-data ``profile_embeds.safetensors``."""
-    from safetensors.torch import load_file
+    """The ``profile_embeds`` tensor ``(num_profiles, dim)`` of a prepared-data ``profile_embeds.safetensors``; a file
+    that cannot be read as one is a ValueError naming it (:func:`cuma.data.records.read_profile_embeds`)."""
+    from ..data.records import read_profile_embeds
 
-    tensors = load_file(path)
-    if "profile_embeds" not in tensors:
-        raise ValueError(f"{path} holds no tensor named 'profile_embeds' (found: {sorted(tensors)})")
-    table = tensors["profile_embeds"]
-    if table.dim() != 2:
-        raise ValueError(f"{path}: profile_embeds must be 2-D (num_profiles, dim), got shape {tuple(table.shape)}")
-    return table.float()
+    return read_profile_embeds(path)
 
 
 # ----------------------------------------------------------------------------------------------- forward

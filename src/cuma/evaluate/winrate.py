@@ -174,6 +174,17 @@ async def _judge_all(judge, items, cand, ref) -> list[dict]:
                                        for it, c, r in zip(items, cand, ref)]))
 
 
+def check_judge_args(args) -> None:
+    """The HTTP judge's options, checked before anything is generated (built without cache and key, then closed)."""
+    from .judges import HTTPJudge
+
+    if args.judge == "http":
+        if not args.judge_url or not args.judge_model:
+            raise ValueError("--judge http needs --judge-url and --judge-model")
+        HTTPJudge(args.judge_url, args.judge_model, api_key_env=None, timeout=args.judge_timeout,
+                  max_retries=args.judge_retries, concurrency=args.judge_concurrency).close()
+
+
 def make_judge(args):
     from .judges import HTTPJudge, TransformersJudge
 
@@ -215,6 +226,7 @@ def run_winrate(args) -> int:
         raise ValueError("pass --candidate-adapter DIR (or --candidate-method for a prompting baseline)")
     if args.num_samples is not None and args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    check_judge_args(args)
     pairs = read_preference_split(args.data, "pairs", args.split)
     items = collect_prompts(pairs, args.num_samples, args.seed, args.group_by, args.first_turn_only)
     if not items:

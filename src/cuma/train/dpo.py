@@ -4,9 +4,9 @@ Recipe (:func:`run_dpo`): pair records -> conversational prompt/chosen/rejected 
 when the method puts it in the prompt) -> the SFT output loaded twice, ``default`` (trainable policy) and ``ref``
 (frozen reference: the SFT policy, not the base model) -> :class:`ProfileDPOTrainer` -> adapter + run record.
 
-- ``profile_embeds``: :class:`PreferenceProfileCollator` adds one row per *pair* (B rows) to TRL's batch of 2B rows
-  (chosen then rejected); the CuMA tuner tiles rows when the batch is a whole multiple of them, for the policy and
-  the reference forward alike (TRL passes the same model kwargs to both).
+- ``profile_embeds``: :class:`PreferenceProfileCollator` gives TRL's batch of 2B rows (chosen then rejected) the
+  profile of each row (the pair's profile, twice), for the policy and the reference forward alike (TRL passes the
+  same model kwargs to both).
 - Reference: TRL's DPOTrainer uses the adapter named ``ref`` when the PEFT model has one. Its own copy of
   ``default`` matches parameters on ``.default.`` and misses CuMA's expert tensors, so the trainer replaces it by
   the SFT adapter loaded from disk.
@@ -59,8 +59,8 @@ def pair_row(record: dict, profile_in_prompt: bool) -> dict:
 
 @dataclass
 class PreferenceProfileCollator:
-    """TRL's preference collator (2B rows: chosen, then rejected) plus ``profile_embeds`` with one row per pair (B
-    rows); the CuMA tuner tiles them over the concatenated batch."""
+    """TRL's preference collator (2B rows: chosen, then rejected) plus ``profile_embeds``, one row per sequence: the
+    pair's profile for its chosen and for its rejected row."""
 
     base: DataCollatorForPreference
     profile_table: Optional[torch.Tensor] = None
@@ -70,7 +70,13 @@ class PreferenceProfileCollator:
     def __call__(self, examples: Sequence[dict]) -> dict:
         batch = self.base(list(examples))
         if self.uses_profile:
-            batch["profile_embeds"] = profile_lookup(self.profile_table, self.encoder, examples)
+            rows = profile_lookup(self.profile_table, self.encoder, examples)
+            n = batch["input_ids"].shape[0]
+            if n == 2 * rows.shape[0]:  # TRL's layout: the chosen rows, then the rejected rows of the same pairs
+                rows = torch.cat([rows, rows], dim=0)
+            elif n != rows.shape[0]:
+                raise ValueError(f"DPO batch of {n} sequences for {rows.shape[0]} pairs: expected 2 per pair")
+            batch["profile_embeds"] = rows
         return batch
 
 

@@ -7,7 +7,9 @@ Recipe (:func:`run_grpo`): pair records -> one prompt per (conversation, turn) w
 Reward: the profile-aware pairwise judge (``cuma.evaluate.judges``) compares each completion with the reference
 response in both orders (win 1, tie 0.5, loss 0) as an async reward function (TRL runs it on its event loop); the
 dataset columns ``reference`` and ``profile_text`` reach it as keyword lists. ``reward.model`` gives a reward-model
-path instead (TRL loads it as a sequence classifier).
+path instead (TRL loads it as a sequence classifier). An unparseable verdict makes the reward the neutral 0.5; how
+many rewards of each generation batch were that fallback is logged (``judge/fallback_fraction``), kept in
+``run.json`` (``reward_validity``) and warned about when it is most of them (:class:`VerdictTally`).
 
 How the profile reaches the model: TRL builds the generation and log-prob inputs itself, so the trainer
 (1) looks up one profile row per example of the generation batch (TRL's sampler already repeats each prompt
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +31,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from .. import methods
+from ..evaluate.judges import VERDICTS, Judge, make_reward_fn
 from ..runinfo import environment_record
 from .config import GRPORunConfig
 from .dpo import _build_policy, _resume
@@ -67,42 +71,74 @@ def prompt_rows(records: list[dict], profile_in_prompt: bool) -> list[dict]:
     return rows
 
 
-def _text(value) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and isinstance(value[-1], dict):
-        return str(value[-1].get("content", ""))
-    return str(value)
+class VerdictTally:
+    """What the judge reward said, per reward call (one per generation batch): how many rewards it gave, how many of
+    them were the neutral fallback of an invalid outcome (an unparseable verdict in either order) and how many
+    verdicts could not be parsed. ``pop()`` returns the counts since the last pop; ``totals`` the whole run."""
+
+    def __init__(self) -> None:
+        self._pending = {"rewards": 0, "fallback_rewards": 0, "unparseable_verdicts": 0}
+        self.totals = dict(self._pending)
+        self.batches: list[dict[str, int]] = []
+
+    def add(self, rewards: int, fallback: int, unparseable: int) -> None:
+        for key, n in (("rewards", rewards), ("fallback_rewards", fallback), ("unparseable_verdicts", unparseable)):
+            self._pending[key] += n
+            self.totals[key] += n
+
+    def pop(self) -> dict[str, int]:
+        out, self._pending = self._pending, {k: 0 for k in self._pending}
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        n = self.totals["rewards"]
+        return {**self.totals, "fallback_fraction": self.totals["fallback_rewards"] / n if n else None,
+                "per_generation_batch": list(self.batches)}
+
+
+class CountingJudge(Judge):
+    """A bare judge (any object with the ``compare`` coroutine) with the counters of :class:`cuma.evaluate.judges.Judge`
+    that the reward function keeps; a reply that is not A / B / tie counts as unparseable and becomes None."""
+
+    name = "wrapped"
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self.inner = inner
+
+    async def compare(self, prompt, profile_text, answer_a, answer_b):
+        verdict = await self.inner.compare(prompt, profile_text, answer_a, answer_b)
+        self.count("judged")
+        if verdict not in VERDICTS:
+            self.count("unparseable")
+            return None
+        self.count(f"verdict_{verdict}")
+        return verdict
 
 
 def judge_reward_fn(judge):
     """The GRPO reward of ``judge``: ``cuma.evaluate.judges.make_reward_fn`` (win 1, tie 0.5, loss 0 against the
-    reference response)."""
-    try:
-        from ..evaluate.judges import make_reward_fn
-    except ImportError:  # the judges module is developed in parallel; same contract (docs/preference-schema.md)
-        make_reward_fn = _make_reward_fn
-    return make_reward_fn(judge)
+    reference response; an invalid outcome gets the neutral 0.5), counting per call how many rewards were that
+    fallback (``.verdict_tally``, read by :class:`ProfileGRPOTrainer` into the log and ``run.json``)."""
+    if not isinstance(judge, Judge):
+        judge = CountingJudge(judge)
+    inner = make_reward_fn(judge)
+    tally = VerdictTally()
 
+    async def judge_reward(prompts, completions, **kwargs):
+        before = (judge.stats.get("reward_invalid", 0), judge.stats.get("unparseable", 0))
+        rewards = await inner(prompts, completions, **kwargs)
+        tally.add(len(rewards), judge.stats.get("reward_invalid", 0) - before[0],
+                  judge.stats.get("unparseable", 0) - before[1])
+        return rewards
 
-def _make_reward_fn(judge):
-    import asyncio
-
-    score = {"A": 1.0, "B": 0.0, "tie": 0.5}
-
-    async def one(prompt, completion, reference, profile_text):
-        a = await judge.compare(prompt, profile_text, _text(completion), reference)
-        b = await judge.compare(prompt, profile_text, reference, _text(completion))
-        if a is None or b is None:
-            return None
-        first, second = score[a], 1.0 - score[b]
-        return first if first == second else 0.5
-
-    async def judge_reward(prompts, completions, reference, profile_text, **kwargs):
-        return list(await asyncio.gather(*(one(p, c, r, t) for p, c, r, t in
-                                           zip(prompts, completions, reference, profile_text))))
-
+    judge_reward.verdict_tally = tally
+    judge_reward.judge = judge
     return judge_reward
+
+
+# more than this share of fallback rewards in a generation batch: the judge is not judging, GRPO learns nothing
+FALLBACK_WARN_FRACTION = 0.5
 
 
 def make_judge(cfg):
@@ -140,12 +176,42 @@ class ProfileGRPOTrainer(BalanceLossMixin, GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         if not self.uses_profile:
-            return super()._generate_and_score_completions(inputs)
-        rows = profile_lookup(self.profile_table, self.profile_encoder, inputs).to(self.accelerator.device)
-        with self._profile_scope(rows):
             output = super()._generate_and_score_completions(inputs)
-        output["profile_embeds"] = rows  # travels with the batch through TRL's shuffle and split
+        else:
+            rows = profile_lookup(self.profile_table, self.profile_encoder, inputs).to(self.accelerator.device)
+            with self._profile_scope(rows):
+                output = super()._generate_and_score_completions(inputs)
+            output["profile_embeds"] = rows  # travels with the batch through TRL's shuffle and split
+        self._log_verdicts()
         return output
+
+    def verdict_tallies(self) -> list[VerdictTally]:
+        return [f.verdict_tally for f in self.reward_funcs if isinstance(getattr(f, "verdict_tally", None), VerdictTally)]
+
+    def _log_verdicts(self) -> None:
+        """Per generation batch: fallback rewards and unparseable verdicts of the judge reward, into the trainer's
+        metrics (averaged into each logged step), the tally's batch list (``run.json``) and a warning when most of
+        the batch's rewards are the fallback."""
+        mode = "train" if self.model.training else "eval"
+        for tally in self.verdict_tallies():
+            batch = tally.pop()
+            if not batch["rewards"]:
+                continue
+            fraction = batch["fallback_rewards"] / batch["rewards"]
+            self._metrics[mode]["judge/fallback_rewards"].append(float(batch["fallback_rewards"]))
+            self._metrics[mode]["judge/fallback_fraction"].append(fraction)
+            self._metrics[mode]["judge/unparseable_verdicts"].append(float(batch["unparseable_verdicts"]))
+            tally.batches.append({"step": int(self.state.global_step), "mode": mode, **batch})
+            if fraction > FALLBACK_WARN_FRACTION and not getattr(self, "_warned_fallback", False):
+                self._warned_fallback = True
+                warnings.warn(
+                    f"GRPO step {self.state.global_step}: {batch['fallback_rewards']} of {batch['rewards']} judge "
+                    f"rewards are the 0.5 fallback ({batch['unparseable_verdicts']} unparseable verdicts): the judge's "
+                    "replies cannot be read as A / B / tie, so these rewards carry no signal. Check the judge "
+                    "(reward.judge_options) before training further; counts per step are in the log "
+                    "(judge/fallback_fraction) and run.json (reward_validity).",
+                    stacklevel=2,
+                )
 
     def _compute_loss(self, model, inputs):
         with self._profile_scope(inputs.get("profile_embeds")):
@@ -252,12 +318,14 @@ def run_grpo(cfg: GRPORunConfig, judge=None, reward_funcs=None) -> dict[str, Any
         model.delete_adapter(REFERENCE_ADAPTER)
         model.set_adapter("default")
     methods.save(built, out)
+    validity = _reward_validity(trainer)
     run = {
         "command": "cuma train grpo",
         "method": built.record(),
         "init": {"sft_path": cfg.init.sft_path,
                  "reference": None if g.beta == 0 else ("sft adapter" if cfg.init.sft_path else "base model")},
         "reward": reward_kind,
+        "reward_validity": validity,
         "train_loss": result.training_loss,
         "global_step": trainer.state.global_step,
         "train_seconds": round(train_seconds, 2),
@@ -270,3 +338,23 @@ def run_grpo(cfg: GRPORunConfig, judge=None, reward_funcs=None) -> dict[str, Any
     }
     save_run(trainer, cfg, out, run)
     return run
+
+
+def _reward_validity(trainer: ProfileGRPOTrainer) -> Optional[dict[str, Any]]:
+    """Fallback rewards and unparseable verdicts of the judge reward over the run (None without a judge reward);
+    warns when most of the run's rewards were the fallback."""
+    tallies = trainer.verdict_tallies()
+    if not tallies:
+        return None
+    summary = tallies[0].summary()
+    fn = next(f for f in trainer.reward_funcs if getattr(f, "verdict_tally", None) is tallies[0])
+    summary["judge_stats"] = dict(getattr(fn.judge, "stats", {}))
+    frac = summary["fallback_fraction"]
+    if frac is not None and frac > FALLBACK_WARN_FRACTION:
+        warnings.warn(
+            f"GRPO: {summary['fallback_rewards']} of {summary['rewards']} judge rewards over the run were the 0.5 "
+            f"fallback ({summary['unparseable_verdicts']} unparseable verdicts); the policy was trained on little or "
+            "no reward signal",
+            stacklevel=2,
+        )
+    return summary

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,7 @@ def is_preference_folder(path) -> bool:
 def load_preference_data(path, kind: str, embeddings: bool = True) -> PreferenceData:
     """Read ``profiles.jsonl``, ``profile_embeds.safetensors`` (when present) and ``manifest.json`` of a prepared
     preference folder; the records of ``{kind}_{split}.jsonl`` are read by ``split()``."""
-    from ..data.records import EMBEDS_FILE, EMBEDS_KEY, read_jsonl
+    from ..data.records import EMBEDS_FILE, read_jsonl
 
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -68,17 +67,16 @@ def load_preference_data(path, kind: str, embeddings: bool = True) -> Preference
     profiles = read_jsonl(root / "profiles.jsonl") if (root / "profiles.jsonl").is_file() else []
     embeds = None
     if embeddings and (root / EMBEDS_FILE).is_file():
-        from safetensors.torch import load_file
+        from ..data.records import read_profile_embeds
 
-        tensors = load_file(str(root / EMBEDS_FILE))
-        if EMBEDS_KEY not in tensors:
-            raise ValueError(f"{root / EMBEDS_FILE}: expected a tensor named {EMBEDS_KEY!r}, found {sorted(tensors)}")
-        embeds = tensors[EMBEDS_KEY].float()
+        embeds = read_profile_embeds(root / EMBEDS_FILE)  # unreadable: ValueError naming the file
         if profiles and embeds.shape[0] != len(profiles):
             raise ValueError(
                 f"{root / EMBEDS_FILE}: {embeds.shape[0]} rows for {len(profiles)} profiles in profiles.jsonl"
             )
-    manifest = json.loads((root / "manifest.json").read_text()) if (root / "manifest.json").is_file() else {}
+    from ..runinfo import read_json
+
+    manifest = read_json(root / "manifest.json", dict) if (root / "manifest.json").is_file() else {}
     return PreferenceData(path=root, kind=kind, profiles=profiles, profile_embeds=embeds, manifest=manifest)
 
 

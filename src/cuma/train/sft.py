@@ -102,18 +102,56 @@ class ProfileSFTTrainer(SFTTrainer):
                 self._metrics[mode]["expert_load_entropy"].append(entropy)
         return (loss, outputs) if return_outputs else loss
 
-    def create_optimizer(self, *args, **kwargs):
+    def create_optimizer(self, model=None):
+        """The Trainer's own optimizer (``optim``, betas, epsilon, its decay / no-decay split), with the routers and
+        the profile projection in groups of their own at ``router_learning_rate`` when one is given."""
         if self.router_learning_rate is None or self.optimizer is not None:
-            return super().create_optimizer(*args, **kwargs)
-        # routers and the profile projection get their own learning rate; everything else the main one
-        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        routed = [p for n, p in params if "router" in n or "profile_proj" in n]
-        other = [p for n, p in params if not ("router" in n or "profile_proj" in n)]
-        groups = [{"params": other, "lr": self.args.learning_rate}]
+            return super().create_optimizer(model)
+        from transformers.trainer import is_optimizer_factory
+
+        opt_model = self.model if model is None else model
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        own_groups = any(k in optimizer_kwargs for k in ("params", "model", "optimizer_dict"))
+        if is_optimizer_factory(optimizer_cls) or own_groups:
+            raise ValueError(
+                f"train.router_learning_rate cannot be combined with optim={self.args.optim!r}: that optimizer builds "
+                "its own parameter groups; leave router_learning_rate unset or use an AdamW/SGD-style optimizer"
+            )
+        groups = router_param_groups(opt_model, self.get_decay_parameter_names(opt_model), self.args.weight_decay,
+                                     self.router_learning_rate)
+        # hand the groups to Trainer.create_optimizer through its own "params" hook (as GaLore's kwargs do), so it
+        # keeps doing everything else it does (bitsandbytes overrides, SageMaker wrapping)
+        saved = self.optimizer_cls_and_kwargs
+        self.optimizer_cls_and_kwargs = (optimizer_cls, {**optimizer_kwargs, "params": groups})
+        try:
+            return super().create_optimizer(model)
+        finally:
+            self.optimizer_cls_and_kwargs = saved
+
+
+def is_router_parameter(name: str) -> bool:
+    """Routers and the profile projection: the parameters ``router_learning_rate`` applies to."""
+    return "router" in name or "profile_proj" in name
+
+
+def router_param_groups(model, decay_names, weight_decay: float, router_lr: float) -> list[dict]:
+    """Trainable parameters in up to four optimizer groups: (other | router) x (decay | no decay). Router groups
+    carry ``lr=router_lr``; the others take the optimizer's learning rate. Empty groups are left out."""
+    decay_names = set(decay_names)
+    buckets: dict[tuple[bool, bool], list] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            buckets.setdefault((is_router_parameter(n), n in decay_names), []).append(p)
+    groups = []
+    for (routed, decay), params in sorted(buckets.items()):
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
         if routed:
-            groups.append({"params": routed, "lr": self.router_learning_rate})
-        self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
-        return self.optimizer
+            group["lr"] = router_lr
+        groups.append(group)
+    return groups
 
 
 def _sft_args(cfg: SFTRunConfig, built: methods.BuiltMethod, has_eval: bool) -> SFTConfig:

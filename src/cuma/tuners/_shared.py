@@ -12,7 +12,8 @@ from peft.tuners.tuners_utils import BaseTuner
 
 class RoutedTuner(BaseTuner):
     """Base class of the routed tuners: adapter-name-free checkpoint keys for nested modules, and removal of the
-    call-capturing forward pre-hook (``self._capture_handle``) when the adapters are unloaded."""
+    base-model hooks that open each call's routing state (``self._call_hook_handles``) when the adapters are
+    unloaded."""
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -24,10 +25,9 @@ class RoutedTuner(BaseTuner):
 
     def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs):
         out = super()._unload_and_optionally_merge(merge, *args, **kwargs)
-        handle = getattr(self, "_capture_handle", None)
-        if handle is not None:
+        for handle in getattr(self, "_call_hook_handles", None) or ():
             handle.remove()
-            self._capture_handle = None
+        self._call_hook_handles = []
         return out
 
 

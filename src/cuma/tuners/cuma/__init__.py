@@ -1,5 +1,5 @@
 from .config import CUMA_PEFT_TYPE, CuMAConfig
-from .layer import CuMALayer, Linear, RoutingContext
+from .layer import CuMALayer, Linear
 from .model import CuMAModel
 
-__all__ = ["CUMA_PEFT_TYPE", "CuMAConfig", "CuMALayer", "CuMAModel", "Linear", "RoutingContext"]
+__all__ = ["CUMA_PEFT_TYPE", "CuMAConfig", "CuMALayer", "CuMAModel", "Linear"]

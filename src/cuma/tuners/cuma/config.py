@@ -7,7 +7,10 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-CUMA_PEFT_TYPE = "CUMA"
+from ..._registry import peft_type_member
+from ..fused import validate_fast_path
+
+CUMA_PEFT_TYPE = peft_type_member("CUMA")  # a real PeftType member (model cards, FSDP state dicts)
 
 
 @dataclass
@@ -44,6 +47,24 @@ class CuMAConfig(PeftConfig):
     router_hidden: int = field(default=256, metadata={"help": "Hidden width of the router MLP."})
     router_layers: int = field(default=2, metadata={"help": "Linear layers in the router (1 = linear router)."})
     router_dropout: float = field(default=0.0, metadata={"help": "Dropout inside the router MLP."})
+    router_input_norm: Literal["none", "balanced"] = field(
+        default="none",
+        metadata={
+            "help": "'none' (the paper): the router reads the raw concat(h_t, e_d). 'balanced': the token part and "
+            "the profile part are each scaled to per-dimension RMS 1 times a learned gain, so the small profile "
+            "embedding is not swamped by the hidden state."
+        },
+    )
+    router_profile_gain: float = field(
+        default=1.0, metadata={"help": "Initial gain of the profile part with router_input_norm='balanced'."}
+    )
+    router_token_init_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Scale of the router's token-part weights at initialisation (< 1: the first routing follows the "
+            "profile, so experts specialise by group from the first step while B = 0)."
+        },
+    )
     share_router_qkv: bool = field(
         default=False, metadata={"help": "One router per attention block shared by q_proj/k_proj/v_proj."}
     )
@@ -52,6 +73,17 @@ class CuMAConfig(PeftConfig):
     )
     balance_loss_coef: float = field(
         default=0.01, metadata={"help": "lambda_aux: weight of the Switch load-balancing term (0 disables it)."}
+    )
+    fast_path: str = field(
+        default="off",
+        metadata={
+            "help": "How the routed delta is computed: 'off' (reference path), 'fused' (static-shape, compile-friendly "
+            "functions, same results) or 'triton' (fused routing, top-k experts in Triton kernels on CUDA); see "
+            "cuma.tuners.fused."
+        },
+    )
+    fast_path_compile: bool = field(
+        default=False, metadata={"help": "Run the fast path's static-shape functions through torch.compile."}
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
@@ -64,7 +96,10 @@ class CuMAConfig(PeftConfig):
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
     layers_pattern: Optional[Union[list[str], str]] = field(default=None)
     modules_to_save: Optional[list[str]] = field(default=None)
-    bias: Literal["none"] = field(default="none", metadata={"help": "Bias training is not supported."})
+    bias: Literal["none", "all", "cuma_only"] = field(
+        default="none",
+        metadata={"help": "Biases to train (PEFT's options): 'none', 'all', or 'cuma_only' (adapted layers' own)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -118,4 +153,16 @@ class CuMAConfig(PeftConfig):
         need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(0.0 <= self.router_dropout < 1.0, f"router_dropout must be in [0, 1), got {self.router_dropout}")
         need(self.balance_loss_coef >= 0, f"balance_loss_coef must be >= 0, got {self.balance_loss_coef}")
-        need(self.bias == "none", f"bias must be 'none', got {self.bias!r}")
+        need(
+            self.router_input_norm in ("none", "balanced"),
+            f"router_input_norm must be 'none' or 'balanced', got {self.router_input_norm!r}",
+        )
+        need(self.router_profile_gain > 0, f"router_profile_gain must be > 0, got {self.router_profile_gain}")
+        need(
+            self.router_token_init_scale >= 0,
+            f"router_token_init_scale must be >= 0, got {self.router_token_init_scale}",
+        )
+        validate_fast_path(self.fast_path, self.fast_path_compile, "CuMAConfig")
+        need(
+            self.bias in ("none", "all", "cuma_only"), f"bias must be 'none', 'all' or 'cuma_only', got {self.bias!r}"
+        )

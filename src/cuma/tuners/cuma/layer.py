@@ -2,39 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import nullcontext
 from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...routing import Gates, Router, log_gates, switch_balance_loss, topk_gates
+from ...routing import Gates, Router, gates_requested, log_gates, switch_balance_loss, topk_gates
+from ...routing_state import RoutingCall, RoutingScope
+from .. import fused
 from .._shared import init_lora_pair
 from .config import CuMAConfig
-
-
-@dataclass
-class RoutingContext:
-    """Per-model routing inputs of the current call, shared by every adapted layer of one tuner.
-
-    ``profile_embeds`` is what the caller passed to forward/generate; ``rows_profile`` is the same, expanded to the
-    rows the base model actually sees (beams, returned sequences, DPO's chosen+rejected concat); ``token_mask`` is
-    the 2-D attention mask of that call. They stay set until the next call replaces them, because gradient
-    checkpointing re-runs the layers during backward, after the forward context has exited.
-    """
-
-    profile_embeds: Optional[torch.Tensor] = None
-    rows_profile: Optional[torch.Tensor] = None
-    token_mask: Optional[torch.Tensor] = None
-    profile_proj: Optional[nn.ModuleDict] = None  # the tuner's per-adapter projections (not owned here)
 
 
 class CuMALayer(BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ("cuma_A", "cuma_B", "cuma_router")
     other_param_names: tuple[str, ...] = ("cuma_settings", "cuma_dropout", "_router_owner")
 
-    def __init__(self, base_layer: nn.Module, routing_ctx: RoutingContext, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, routing_scope: RoutingScope, **kwargs) -> None:
         self.base_layer = base_layer
         self.cuma_A = nn.ParameterDict({})
         self.cuma_B = nn.ParameterDict({})
@@ -44,11 +30,9 @@ class CuMALayer(BaseTunerLayer):
         # adapter -> layer that owns the router this layer shares (only when router sharing is on); a plain dict so
         # the shared router is neither registered nor saved twice
         self._router_owner: dict[str, "CuMALayer"] = {}
-        self._gate_cache: dict[str, tuple[torch.Tensor, Gates]] = {}
         self._router_has_followers: set[str] = set()
-        self._routing_ctx = routing_ctx
-        self._balance_terms: list[torch.Tensor] = []
-        self._gate_log = None
+        # the tuner's scope: where this layer finds the routing call now running (profile rows, mask, terms)
+        self._routing_scope = routing_scope
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -77,6 +61,9 @@ class CuMALayer(BaseTunerLayer):
                 hidden=config.router_hidden,
                 num_layers=config.router_layers,
                 dropout=config.router_dropout,
+                input_norm=config.router_input_norm,
+                profile_gain_init=config.router_profile_gain,
+                token_init_scale=config.router_token_init_scale,
             )
         else:
             self._router_owner[adapter_name] = router_owner
@@ -100,16 +87,24 @@ class CuMALayer(BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self._gate_cache.pop(adapter_name, None)
         self._router_has_followers.discard(adapter_name)
 
     # ----------------------------------------------------------------------------------------------------------
-    def _profile_for(self, adapter_name: str, rows: int) -> Optional[torch.Tensor]:
+    def _current_call(self, adapter_name: str, needs_profile: bool) -> Optional[RoutingCall]:
+        call = self._routing_scope.current()
+        if call is None and needs_profile:
+            raise ValueError(
+                f"CuMA adapter '{adapter_name}' routes on the profile but this layer runs outside a call of its model "
+                "(no profile_embeds reached it): call the PeftModel (forward/generate) with profile_embeds, or wrap a "
+                "direct layer call in `with layer._routing_scope.call(profile_rows=...)`"
+            )
+        return call
+
+    def _profile_for(self, adapter_name: str, call: Optional[RoutingCall], rows: int) -> Optional[torch.Tensor]:
         config = self.cuma_settings[adapter_name]
         if config.profile_dim == 0:
             return None
-        ctx = self._routing_ctx
-        e = ctx.rows_profile
+        e = call.profile_rows if call is not None else None
         if e is None:
             raise ValueError(
                 f"CuMA adapter '{adapter_name}' routes on the profile: pass profile_embeds=Tensor(batch, "
@@ -118,37 +113,47 @@ class CuMALayer(BaseTunerLayer):
         if e.shape[0] != rows:
             raise ValueError(
                 f"profile_embeds gives {e.shape[0]} rows but this layer sees a batch of {rows}; pass one profile "
-                "row per example (or per example of one half of a chosen+rejected batch)."
+                "row per example of the batch"
             )
-        proj = ctx.profile_proj[adapter_name] if ctx.profile_proj is not None and adapter_name in ctx.profile_proj else None
+        projections = self._routing_scope.profile_proj
+        proj = projections[adapter_name] if projections is not None and adapter_name in projections else None
         if proj is not None:
             e = proj(e.to(next(proj.parameters()).dtype))
         return e
-
-    def _token_mask(self, rows: int, length: int) -> Optional[torch.Tensor]:
-        mask = self._routing_ctx.token_mask
-        if mask is None or mask.shape[0] != rows or mask.shape[1] < length:
-            return None
-        return mask[:, -length:].bool()
 
     def _route(self, adapter_name: str, x: torch.Tensor, x3: torch.Tensor) -> tuple[Gates, Optional[torch.Tensor]]:
         config = self.cuma_settings[adapter_name]
         owner = self._router_owner.get(adapter_name, self)
         rows, length = x3.shape[0], x3.shape[1]
-        mask = self._token_mask(rows, length)
-        cached = owner._gate_cache.get(adapter_name)
-        if cached is not None and cached[0] is x:
-            return cached[1], mask  # a projection sharing this router already routed this exact input
+        call = self._current_call(adapter_name, needs_profile=config.profile_dim > 0)
+        mask = call.mask_for(rows, length) if call is not None else None
+        shared_key = (id(owner), adapter_name)
+        if call is not None:
+            cached = call.shared_gates.get(shared_key)
+            if cached is not None and cached[0] is x:
+                return cached[1], mask  # a projection sharing this router already routed this exact input
 
         router: Router = owner.cuma_router[adapter_name]
-        profile = self._profile_for(adapter_name, rows)
-        w = router.layers[0].weight
-        logits = router(x3.to(w.dtype), profile)
-        gates = topk_gates(logits, config.effective_top_k)
-        if owner._router_has_followers and adapter_name in owner._router_has_followers:
-            owner._gate_cache[adapter_name] = (x, gates)
-        if self.training and config.balance_loss_coef > 0 and torch.is_grad_enabled():
-            owner._balance_terms.append(config.balance_loss_coef * switch_balance_loss(gates, mask))
+        balance = call is not None and call.computes_balance and self.training and config.balance_loss_coef > 0
+        # the first pass of a reentrant checkpoint runs under no_grad: the balance term still needs its graph to the
+        # router. A recompute computes the term again (it must save what the forward saved) but does not record it.
+        grad = torch.enable_grad() if balance and not torch.is_grad_enabled() else nullcontext()
+        with grad:
+            profile = self._profile_for(adapter_name, call, rows)
+            if config.fast_path != "off":  # the static-shape routing of the fast path (cuma.tuners.fused)
+                route = fused.compiled(fused.route_topk) if config.fast_path_compile else fused.route_topk
+                k = config.effective_top_k
+                w, probs, sel, term = route(router, x3, profile, k, mask, config.balance_loss_coef if balance else None)
+                gates = Gates(weights=w, probs=probs, selected=sel, top_k=min(k, w.shape[-1]))
+                if balance:
+                    call.record(term)
+            else:
+                logits = router(x3.to(router.layers[0].weight.dtype), profile)
+                gates = topk_gates(logits, config.effective_top_k)
+                if balance:
+                    call.record(config.balance_loss_coef * switch_balance_loss(gates, mask))
+        if call is not None and adapter_name in owner._router_has_followers:
+            call.shared_gates[shared_key] = (x, gates)
         return gates, mask
 
     def _expert_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +161,8 @@ class CuMALayer(BaseTunerLayer):
         config = self.cuma_settings[adapter_name]
         x3 = x.unsqueeze(0) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
         gates, mask = self._route(adapter_name, x, x3)
-        log_gates(self, gates.weights, mask)
+        if gates_requested(self):
+            log_gates(self, gates.weights, mask, self._routing_scope.current())
 
         a = self.cuma_A[adapter_name]
         b = self.cuma_B[adapter_name]
@@ -172,6 +178,7 @@ class CuMALayer(BaseTunerLayer):
         delta = delta * config.scaling
         return delta.reshape(*x.shape[:-1], self.out_features)
 
+
 class Linear(nn.Module, CuMALayer):
     """CuMA-adapted ``nn.Linear``."""
 
@@ -180,12 +187,12 @@ class Linear(nn.Module, CuMALayer):
         base_layer: nn.Module,
         adapter_name: str,
         config: CuMAConfig,
-        routing_ctx: RoutingContext,
+        routing_scope: Optional[RoutingScope] = None,
         router_owner: Optional[CuMALayer] = None,
         **kwargs,
     ) -> None:
         super().__init__()
-        CuMALayer.__init__(self, base_layer, routing_ctx)
+        CuMALayer.__init__(self, base_layer, routing_scope if routing_scope is not None else RoutingScope("cuma"))
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, router_owner=router_owner)
 
@@ -195,6 +202,9 @@ class Linear(nn.Module, CuMALayer):
             return result
         for adapter_name in self.active_adapters:
             if adapter_name not in self.cuma_A:
+                continue
+            if self.cuma_settings[adapter_name].fast_path != "off":
+                result = fused.cuma_forward(self, adapter_name, x, result)
                 continue
             result = result + self._expert_delta(adapter_name, x).to(result.dtype)
         return result

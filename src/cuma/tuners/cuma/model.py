@@ -11,13 +11,12 @@ from torch import nn
 
 from .._shared import RoutedTuner
 from .config import CuMAConfig
-from .layer import CuMALayer, Linear, RoutingContext
+from ...routing_state import CallHooks, RoutingScope, check_profile, checkpoint_layers_of, hand_over_profile
+from .layer import CuMALayer, Linear
 
 # projection groups that may share one router: they read the same input tensor inside one block
 _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
-# keywords with which generate() (transformers 5: `cache`; older: `past_key_values`) calls the base model
-_GENERATION_KWARGS = ("cache", "past_key_values")
 
 
 def build_profile_projection(config: CuMAConfig) -> Optional[nn.Module]:
@@ -30,43 +29,6 @@ def build_profile_projection(config: CuMAConfig) -> Optional[nn.Module]:
     return nn.Sequential(nn.Linear(config.profile_dim, config.router_hidden), nn.GELU(), nn.Linear(config.router_hidden, out))
 
 
-class _CaptureCallInputs:
-    """Forward pre-hook on the base model: records the padding mask of the call and expands the profile rows to the
-    batch the base model sees. A callable object rather than a closure so that ``copy.deepcopy`` of the model (TRL
-    does this for reference models) gives the copy its own routing context."""
-
-    def __init__(self, ctx: RoutingContext) -> None:
-        self.ctx = ctx
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
-        ctx = self.ctx
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        ref = ids if ids is not None else embeds
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        ctx.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        e = ctx.profile_embeds
-        if e is None or ref is None:
-            ctx.rows_profile = e
-            return None
-        rows = ref.shape[0]
-        if e.shape[0] == rows:
-            ctx.rows_profile = e
-        elif rows % e.shape[0] == 0:
-            times = rows // e.shape[0]
-            if any(kwargs.get(k) is not None for k in _GENERATION_KWARGS):
-                # generation: transformers expands each row in place for beams / returned sequences
-                ctx.rows_profile = e.repeat_interleave(times, dim=0)
-            else:
-                # a whole-multiple batch outside generation is a concatenation (DPO: chosen then rejected)
-                ctx.rows_profile = e.repeat(times, 1)
-        else:
-            raise ValueError(
-                f"profile_embeds has {e.shape[0]} rows but the batch has {rows}: give one profile row per example"
-            )
-        return None
-
-
 class CuMAModel(RoutedTuner):
     """Creates a CuMA model from a pretrained transformers model (see :class:`CuMAConfig`)."""
 
@@ -76,10 +38,12 @@ class CuMAModel(RoutedTuner):
 
     # ------------------------------------------------------------------------------------------------ injection
     def _pre_injection_hook(self, model: nn.Module, config: CuMAConfig, adapter_name: str) -> None:
-        if not hasattr(self, "routing_ctx"):
+        if not hasattr(self, "routing_scope"):
             self.cuma_profile_proj = nn.ModuleDict({})
-            self.routing_ctx = RoutingContext(profile_proj=self.cuma_profile_proj)
-            self._capture_handle = model.register_forward_pre_hook(_CaptureCallInputs(self.routing_ctx), with_kwargs=True)
+            self.routing_scope = RoutingScope("cuma", profile_proj=self.cuma_profile_proj)
+            hooks = CallHooks(self.routing_scope, profile_widths=self._active_profile_dims,
+                              checkpoint_layers=checkpoint_layers_of(model))
+            self._call_hook_handles = hooks.install(model)
             self._router_owners: dict[tuple, CuMALayer] = {}
 
     def _ensure_projection(self, config: CuMAConfig, adapter_name: str) -> None:
@@ -126,7 +90,7 @@ class CuMAModel(RoutedTuner):
                 raise ValueError(
                     f"CuMA can adapt torch.nn.Linear modules only; '{current_key}' is {type(base).__name__}"
                 )
-            new_module = Linear(target, adapter_name, config, self.routing_ctx, router_owner=owner)
+            new_module = Linear(target, adapter_name, config, self.routing_scope, router_owner=owner)
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
@@ -136,7 +100,15 @@ class CuMAModel(RoutedTuner):
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
         for name, proj in self.cuma_profile_proj.items():
-            proj.requires_grad_(name in self.active_adapters)
+            frozen = getattr(self.peft_config.get(name), "inference_mode", False)
+            proj.requires_grad_(name in self.active_adapters and not frozen)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        # PEFT freezes an inference-mode adapter's parameters inside the base model; the profile projection lives on
+        # the tuner, so a frozen load (is_trainable=False) freezes it here
+        if self.peft_config[adapter_name].inference_mode and adapter_name in self.cuma_profile_proj:
+            self.cuma_profile_proj[adapter_name].requires_grad_(False)
 
     # -------------------------------------------------------------------------------------------- adapters
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
@@ -168,24 +140,11 @@ class CuMAModel(RoutedTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """Receives ``profile_embeds`` from ``PeftModel.forward``/``generate`` and hands it to the layers.
-
-        The profile stays on the routing context after the call (gradient-checkpointing recompute needs it) and is
-        replaced, or cleared, by the next call.
-        """
+        """Receives ``profile_embeds`` from ``PeftModel.forward``/``generate`` and hands it to the base-model calls
+        made inside (one :class:`cuma.routing_state.RoutingCall` each). Nothing outlives the PeftModel call."""
         e = kwargs.get("profile_embeds")
         if e is not None:
-            if not isinstance(e, torch.Tensor) or e.dim() != 2:
-                shape = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
-                raise ValueError(f"profile_embeds must be a 2-D tensor (batch, profile_dim), got {shape}")
-            for name, dim in self._active_profile_dims().items():
-                if e.shape[-1] != dim:
-                    raise ValueError(
-                        f"profile_embeds has width {e.shape[-1]} but adapter '{name}' was built with "
-                        f"profile_dim={dim}; encode profiles with the encoder the adapter was trained with"
-                    )
-            device = next(self.model.parameters()).device
-            e = e.to(device)
-        self.routing_ctx.profile_embeds = e
-        self.routing_ctx.rows_profile = None
-        yield
+            check_profile(e, self._active_profile_dims())
+            e = e.to(next(self.model.parameters()).device)
+        with hand_over_profile(self.routing_scope, e):
+            yield

@@ -7,7 +7,10 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-HYDRALORA_PEFT_TYPE = "HYDRALORA"
+from ..._registry import peft_type_member
+from ..fused import validate_fast_path
+
+HYDRALORA_PEFT_TYPE = peft_type_member("HYDRALORA")  # a real PeftType member (model cards, FSDP state dicts)
 
 
 @dataclass
@@ -37,6 +40,16 @@ class HydraLoRAConfig(PeftConfig):
     router_bias: Optional[bool] = field(
         default=None, metadata={"help": "Biases in the router; default: none for the linear router, yes for the MLP."}
     )
+    fast_path: str = field(
+        default="off",
+        metadata={
+            "help": "How the delta is computed: 'off' (reference path), 'fused' (static-shape, compile-friendly "
+            "functions, same results); 'triton' runs the 'fused' experts (dense gates); see cuma.tuners.fused."
+        },
+    )
+    fast_path_compile: bool = field(
+        default=False, metadata={"help": "Run the fast path's static-shape functions through torch.compile."}
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={"help": "Module names (or a regex) to adapt; default the FFN gate_proj, up_proj and down_proj."},
@@ -48,7 +61,10 @@ class HydraLoRAConfig(PeftConfig):
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
     layers_pattern: Optional[Union[list[str], str]] = field(default=None)
     modules_to_save: Optional[list[str]] = field(default=None)
-    bias: Literal["none"] = field(default="none", metadata={"help": "Bias training is not supported."})
+    bias: Literal["none", "all", "hydralora_only"] = field(
+        default="none",
+        metadata={"help": "Biases to train (PEFT's options): 'none', 'all', or 'hydralora_only' (adapted layers' own)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,5 +107,8 @@ class HydraLoRAConfig(PeftConfig):
             f"num_experts must be an integer >= 1, got {self.num_experts!r}",
         )
         need(self.router_hidden >= 0, f"router_hidden must be >= 0 (0 = linear router), got {self.router_hidden}")
+        validate_fast_path(self.fast_path, self.fast_path_compile, "HydraLoRAConfig")
         need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        need(self.bias == "none", f"bias must be 'none', got {self.bias!r}")
+        need(
+            self.bias in ("none", "all", "hydralora_only"), f"bias must be 'none', 'all' or 'hydralora_only', got {self.bias!r}"
+        )

@@ -2,41 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...routing import Router, log_gates
+from ...routing import Router, gates_requested, log_gates
+from ...routing_state import RoutingScope
+from .. import fused
 from .._shared import init_lora_pair
 from .config import HydraLoRAConfig
-
-
-@dataclass
-class HydraContext:
-    """Per-model inputs of the current call shared by the layers of one tuner: the 2-D attention mask, used only to
-    tag recorded gates (:func:`cuma.record_gates`). Kept until the next call (gradient-checkpointing recompute)."""
-
-    token_mask: Optional[torch.Tensor] = None
 
 
 class HydraLoRALayer(BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ("hydralora_A", "hydralora_B", "hydralora_router")
     other_param_names: tuple[str, ...] = ("hydralora_settings", "hydralora_dropout")
 
-    def __init__(self, base_layer: nn.Module, ctx: Optional[HydraContext] = None, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, routing_scope: Optional[RoutingScope] = None, **kwargs) -> None:
         self.base_layer = base_layer
         self.hydralora_A = nn.ParameterDict({})
         self.hydralora_B = nn.ParameterDict({})
         self.hydralora_router = nn.ModuleDict({})
         self.hydralora_dropout = nn.ModuleDict({})
         self.hydralora_settings: dict[str, HydraLoRAConfig] = {}
-        self._ctx = ctx if ctx is not None else HydraContext()
-        # routing-layer protocol of cuma.routing: HydraLoRA has no balance loss, so _balance_terms stays empty
-        self._balance_terms: list[torch.Tensor] = []
-        self._gate_log = None
+        # the tuner's scope: the routing call now running gives the padding mask of recorded gates (HydraLoRA has
+        # no balance loss)
+        self._routing_scope = routing_scope if routing_scope is not None else RoutingScope("hydralora")
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -79,12 +71,6 @@ class HydraLoRALayer(BaseTunerLayer):
         return None
 
     # ----------------------------------------------------------------------------------------------------------
-    def _token_mask(self, rows: int, length: int) -> Optional[torch.Tensor]:
-        mask = self._ctx.token_mask
-        if mask is None or mask.shape[0] != rows or mask.shape[1] < length:
-            return None
-        return mask[:, -length:].bool()
-
     def gates(self, adapter_name: str, x3: torch.Tensor) -> torch.Tensor:
         """Dense fp32 softmax gates over all heads, (B, T, N). The router sees the undropped layer input."""
         router: Router = self.hydralora_router[adapter_name]
@@ -96,8 +82,10 @@ class HydraLoRALayer(BaseTunerLayer):
         config = self.hydralora_settings[adapter_name]
         x3 = x.unsqueeze(0) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
         gates = self.gates(adapter_name, x3)
-        if self._gate_log is not None:
-            log_gates(self, gates, self._token_mask(x3.shape[0], x3.shape[1]))
+        if gates_requested(self):
+            call = self._routing_scope.current()
+            mask = call.mask_for(x3.shape[0], x3.shape[1]) if call is not None else None
+            log_gates(self, gates, mask, call)
 
         a = self.hydralora_A[adapter_name]
         b = self.hydralora_B[adapter_name]
@@ -117,11 +105,11 @@ class Linear(nn.Module, HydraLoRALayer):
         base_layer: nn.Module,
         adapter_name: str,
         config: HydraLoRAConfig,
-        ctx: Optional[HydraContext] = None,
+        routing_scope: Optional[RoutingScope] = None,
         **kwargs,
     ) -> None:
         super().__init__()
-        HydraLoRALayer.__init__(self, base_layer, ctx)
+        HydraLoRALayer.__init__(self, base_layer, routing_scope)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -131,6 +119,9 @@ class Linear(nn.Module, HydraLoRALayer):
             return result
         for adapter_name in self.active_adapters:
             if adapter_name not in self.hydralora_A:
+                continue
+            if self.hydralora_settings[adapter_name].fast_path != "off":
+                result = fused.hydralora_forward(self, adapter_name, x, result)
                 continue
             result = result + self._delta(adapter_name, x).to(result.dtype)
         return result

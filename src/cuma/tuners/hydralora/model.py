@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .._shared import RoutedTuner
 from .config import HydraLoRAConfig
-from .layer import HydraContext, HydraLoRALayer, Linear
-
-
-class _CaptureMask:
-    """Forward pre-hook on the base model: keeps the 2-D attention mask of the call for the layers' gate records.
-    A callable object (not a closure) so ``copy.deepcopy`` of the model gives the copy its own context."""
-
-    def __init__(self, ctx: HydraContext) -> None:
-        self.ctx = ctx
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        self.ctx.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        return None
+from ...routing_state import CallHooks, RoutingScope, checkpoint_layers_of
+from .layer import HydraLoRALayer, Linear
 
 
 class HydraLoRAModel(RoutedTuner):
@@ -32,9 +19,10 @@ class HydraLoRAModel(RoutedTuner):
     target_module_mapping: dict[str, list[str]] = {}
 
     def _pre_injection_hook(self, model: nn.Module, config: HydraLoRAConfig, adapter_name: str) -> None:
-        if not hasattr(self, "hydra_ctx"):
-            self.hydra_ctx = HydraContext()
-            self._capture_handle = model.register_forward_pre_hook(_CaptureMask(self.hydra_ctx), with_kwargs=True)
+        if not hasattr(self, "routing_scope"):
+            self.routing_scope = RoutingScope("hydralora")
+            hooks = CallHooks(self.routing_scope, checkpoint_layers=checkpoint_layers_of(model))
+            self._call_hook_handles = hooks.install(model)
 
     def _prepare_adapter_config(self, peft_config: HydraLoRAConfig, model_config: dict) -> HydraLoRAConfig:
         return peft_config
@@ -59,7 +47,7 @@ class HydraLoRAModel(RoutedTuner):
             raise ValueError(
                 f"HydraLoRA can adapt torch.nn.Linear modules only; '{current_key}' is {type(base).__name__}"
             )
-        new_module = Linear(target, adapter_name, config, self.hydra_ctx)
+        new_module = Linear(target, adapter_name, config, self.routing_scope)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -72,6 +60,6 @@ class HydraLoRAModel(RoutedTuner):
 
     def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs):
         out = super()._unload_and_optionally_merge(merge, *args, **kwargs)
-        if hasattr(self, "hydra_ctx"):  # the capture hook is gone (RoutedTuner), so is its context
-            del self.hydra_ctx
+        if hasattr(self, "routing_scope"):  # the call hooks are gone (RoutedTuner), so is their scope
+            del self.routing_scope
         return out

@@ -1,14 +1,13 @@
 from .config import MIXLORA_PEFT_TYPE, MixLoRAConfig
-from .layer import Linear, MixLoRABalance, MixLoRAContext, MixLoRAFFN, MixLoRALayer
+from .layer import Linear, MixLoRAFFN, MixLoRALayer, MixtralBalance
 from .model import MixLoRAModel
 
 __all__ = [
     "MIXLORA_PEFT_TYPE",
     "Linear",
-    "MixLoRABalance",
     "MixLoRAConfig",
-    "MixLoRAContext",
     "MixLoRAFFN",
     "MixLoRALayer",
     "MixLoRAModel",
+    "MixtralBalance",
 ]

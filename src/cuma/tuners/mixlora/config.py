@@ -8,7 +8,9 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-MIXLORA_PEFT_TYPE = "MIXLORA"
+from ..._registry import peft_type_member
+
+MIXLORA_PEFT_TYPE = peft_type_member("MIXLORA")  # a real PeftType member (model cards, FSDP state dicts)
 
 # the projections of a Llama-style gated FFN that the experts adapt; they must not be targeted as attention LoRA
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -61,7 +63,10 @@ class MixLoRAConfig(PeftConfig):
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
     layers_pattern: Optional[Union[list[str], str]] = field(default=None)
     modules_to_save: Optional[list[str]] = field(default=None)
-    bias: Literal["none"] = field(default="none", metadata={"help": "Bias training is not supported."})
+    bias: Literal["none", "all", "mixlora_only"] = field(
+        default="none",
+        metadata={"help": "Biases to train (PEFT's options): 'none', 'all', or 'mixlora_only' (adapted layers' own)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,4 +125,6 @@ class MixLoRAConfig(PeftConfig):
                 f"target_modules {clash} are FFN projections: MixLoRA adapts them through the experts of "
                 f"ffn_modules={self.ffn_modules}, not with a plain LoRA",
             )
-        need(self.bias == "none", f"bias must be 'none', got {self.bias!r}")
+        need(
+            self.bias in ("none", "all", "mixlora_only"), f"bias must be 'none', 'all' or 'mixlora_only', got {self.bias!r}"
+        )

@@ -15,15 +15,16 @@ only on the tokens routed to that expert, grouped with one sort per call.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from contextlib import nullcontext
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...routing import log_gates
+from ...routing import gates_requested, log_gates
+from ...routing_state import RoutingScope
 from .._shared import init_lora_pair
 from .config import MixLoRAConfig
 
@@ -37,110 +38,30 @@ _MERGE_ERROR = (
 # Mixtral load-balancing term over all layers
 
 
-class _BalanceTermsView:
-    """List-like view used by :func:`cuma.pop_balance_loss` (iterate, then ``clear()``)."""
+class MixtralBalance:
+    """The routing statistics of one call over every MixLoRA block of one adapter, and its Mixtral load-balancing
+    term ``coef * N * sum_i f_i P_i`` (``f_i``: share of (layer, token) pairs whose top-k includes expert i, summed
+    over the k slots; ``P_i``: mean router probability of expert i; both over all layers' non-pad tokens). It is not
+    a sum of per-layer terms, so the blocks add their per-layer sums here (a per-call accumulator of
+    :class:`cuma.routing_state.RoutingCall`) and the term is formed when the call ends."""
 
-    def __init__(self, owner: "MixLoRABalance") -> None:
-        self._owner = owner
+    def __init__(self, num_experts: int, coef: float) -> None:
+        self.num_experts, self.coef = num_experts, coef
+        self.counts = self.prob_sums = self.rows = None
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return iter(self._owner.terms())
-
-    def __len__(self) -> int:
-        return len(self._owner.terms())
-
-    def __bool__(self) -> bool:
-        return len(self) > 0
-
-    def clear(self) -> None:
-        self._owner.reset()
-
-
-class MixLoRABalance(nn.Module):
-    """Accumulates the routing statistics of every MixLoRA block of one model and exposes the Mixtral
-    load-balancing term over the concatenated router logits of all layers.
-
-    Mixtral's term ``N * sum_i f_i P_i`` (``f_i``: share of (layer, token) pairs whose top-k includes expert i, summed
-    over the k slots; ``P_i``: mean router probability of expert i; both over all layers' non-pad tokens) is not a sum
-    of per-layer terms, so the blocks add their per-layer sums (top-k counts, probability sums, token counts) here and
-    the term is formed when read. One term per forward call of the base model (a forward pre-hook starts a new call);
-    each is multiplied by the adapter's ``router_aux_loss_coef``.
-
-    This module implements the routing-layer protocol of :mod:`cuma.routing` (``_balance_terms``, ``_gate_log``) so
-    that ``cuma.pop_balance_loss(model)`` returns ``coef * term``. It routes nothing itself, so it withdraws its own
-    (empty) slot from a :func:`cuma.record_gates` record.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        # one dict per forward call: adapter -> [top-k counts (N,), probability sums (N,), token count, N, coef]
-        self._calls: list[dict[str, list]] = []
-        self._open = False
-
-    def start_call(self) -> None:
-        self._open = False
-
-    def add(
-        self,
-        adapter_name: str,
-        counts: torch.Tensor,
-        prob_sums: torch.Tensor,
-        rows: torch.Tensor,
-        num_experts: int,
-        coef: float,
-    ) -> None:
-        if not self._open:
-            self._calls.append({})
-            self._open = True
-        entry = self._calls[-1].get(adapter_name)
-        if entry is None:
-            self._calls[-1][adapter_name] = [counts, prob_sums, rows, num_experts, coef]
+    def add(self, counts: torch.Tensor, prob_sums: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.counts is None:
+            self.counts, self.prob_sums, self.rows = counts, prob_sums, rows
         else:
-            entry[0] = entry[0] + counts.to(entry[0].device)
-            entry[1] = entry[1] + prob_sums.to(entry[1].device)
-            entry[2] = entry[2] + rows.to(entry[2].device)
+            self.counts = self.counts + counts.to(self.counts.device)
+            self.prob_sums = self.prob_sums + prob_sums.to(self.prob_sums.device)
+            self.rows = self.rows + rows.to(self.rows.device)
 
-    def terms(self) -> list[torch.Tensor]:
-        out = []
-        for call in self._calls:
-            for counts, prob_sums, rows, n, coef in call.values():
-                rows = rows.clamp_min(1.0)
-                out.append(coef * n * torch.sum((counts / rows) * (prob_sums / rows)))
-        return out
-
-    def reset(self, adapter_name: Optional[str] = None) -> None:
-        if adapter_name is None:
-            self._calls = []
-            self._open = False
-            return
-        for call in self._calls:
-            call.pop(adapter_name, None)
-
-    @property
-    def _balance_terms(self) -> _BalanceTermsView:
-        return _BalanceTermsView(self)
-
-    @property
-    def _gate_log(self):
-        return None
-
-    @_gate_log.setter
-    def _gate_log(self, sink) -> None:
-        if sink is None:
-            return
-        record, name = sink[0], sink[1]
-        for table in (record.gates, record.masks):
-            if name in table and not table[name]:
-                del table[name]
-
-
-@dataclass
-class MixLoRAContext:
-    """Per-model state shared by the FFN blocks of one tuner: the 2-D attention mask of the current call (kept until
-    the next call, for gradient-checkpointing recompute) and the balance accumulator."""
-
-    balance: MixLoRABalance
-    token_mask: Optional[torch.Tensor] = None
+    def term(self) -> Optional[torch.Tensor]:
+        if self.counts is None:
+            return None
+        rows = self.rows.clamp_min(1.0)
+        return self.coef * self.num_experts * torch.sum((self.counts / rows) * (self.prob_sums / rows))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -225,7 +146,8 @@ class MixLoRAFFN(nn.Module, MixLoRALayer):
     )
     other_param_names: tuple[str, ...] = ("mixlora_settings", "mixlora_dropout")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MixLoRAConfig, ctx: MixLoRAContext) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MixLoRAConfig,
+                 routing_scope: Optional[RoutingScope] = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         ffn = self.get_base_layer()
@@ -246,10 +168,8 @@ class MixLoRAFFN(nn.Module, MixLoRALayer):
         self.mixlora_down_B = nn.ParameterDict({})
         self.mixlora_dropout = nn.ModuleDict({})
         self.mixlora_settings: dict[str, MixLoRAConfig] = {}
-        self._ctx = ctx
-        # routing-layer protocol of cuma.routing; the balance term itself is formed by the shared MixLoRABalance
-        self._balance_terms: list[torch.Tensor] = []
-        self._gate_log = None
+        # the tuner's scope: the routing call now running gives the padding mask and collects the Mixtral statistics
+        self._routing_scope = routing_scope if routing_scope is not None else RoutingScope("mixlora")
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -284,11 +204,10 @@ class MixLoRAFFN(nn.Module, MixLoRALayer):
             init_lora_pair(a, getattr(self, f"mixlora_{proj}_B")[adapter_name], fan_in, zero_b=config.init_weights)
 
     # ----------------------------------------------------------------------------------------------------------
-    def _token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        mask = self._ctx.token_mask
-        if x.dim() != 3 or mask is None or mask.shape[0] != x.shape[0] or mask.shape[1] < x.shape[1]:
+    def _token_mask(self, call, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if call is None or x.dim() != 3:
             return None
-        return mask[:, -x.shape[1] :].bool()
+        return call.mask_for(x.shape[0], x.shape[1])
 
     def route(self, adapter_name: str, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """fp32 router: returns (probs (T, N), kept weights renormalised to sum 1 (T, k), kept expert ids (T, k))."""
@@ -300,7 +219,7 @@ class MixLoRAFFN(nn.Module, MixLoRALayer):
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         return probs, top_w, top_i
 
-    def _record_balance(self, adapter_name: str, probs, top_i, mask: Optional[torch.Tensor]) -> None:
+    def _record_balance(self, call, adapter_name: str, probs, top_i, mask: Optional[torch.Tensor]) -> None:
         config = self.mixlora_settings[adapter_name]
         n, k = config.num_experts, config.top_k
         if mask is None:
@@ -310,7 +229,8 @@ class MixLoRAFFN(nn.Module, MixLoRALayer):
         counts = torch.zeros(n, device=probs.device, dtype=torch.float32)
         counts = counts.scatter_add(0, top_i.reshape(-1), weights.repeat_interleave(k))
         prob_sums = (probs * weights.unsqueeze(-1)).sum(0)
-        self._ctx.balance.add(adapter_name, counts, prob_sums, weights.sum(), n, config.router_aux_loss_coef)
+        stats = call.accumulator(("mixtral", adapter_name), lambda: MixtralBalance(n, config.router_aux_loss_coef))
+        stats.add(counts, prob_sums, weights.sum())
 
     def _moe(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         config = self.mixlora_settings[adapter_name]
@@ -318,13 +238,20 @@ class MixLoRAFFN(nn.Module, MixLoRALayer):
         n, k, s = config.num_experts, config.top_k, config.expert_scaling
         xf = x.reshape(-1, x.shape[-1])
 
-        probs, top_w, top_i = self.route(adapter_name, xf)
-        mask = self._token_mask(x)
-        if self.training and torch.is_grad_enabled() and config.router_aux_loss_coef > 0:
-            self._record_balance(adapter_name, probs, top_i, mask)
-        if self._gate_log is not None:
+        call = self._routing_scope.current()
+        # computed in a checkpoint recompute too (it must save what the forward saved); only the forward records
+        records = call is not None and call.computes_balance and self.training and config.router_aux_loss_coef > 0
+        # the first pass of a reentrant checkpoint runs under no_grad: the balance statistics still need their graph
+        grad = torch.enable_grad() if records and not torch.is_grad_enabled() else nullcontext()
+        with grad:
+            probs, top_w, top_i = self.route(adapter_name, xf)
+        mask = self._token_mask(call, x)
+        if records:
+            with grad:
+                self._record_balance(call, adapter_name, probs, top_i, mask)
+        if gates_requested(self):
             dense = torch.zeros_like(probs).scatter(-1, top_i, top_w)
-            log_gates(self, dense.reshape(*x.shape[:-1], n), mask)
+            log_gates(self, dense.reshape(*x.shape[:-1], n), mask, call)
 
         # frozen projections, once per token
         g0 = ffn.gate_proj(xf)

@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch import nn
 
 from .._shared import RoutedTuner
 from .config import MixLoRAConfig
-from .layer import Linear, MixLoRABalance, MixLoRAContext, MixLoRAFFN, MixLoRALayer
-
-
-class _CaptureCall:
-    """Forward pre-hook on the base model: keeps the 2-D attention mask of the call (padding is left out of the
-    balance term) and starts a new call in the balance accumulator. A callable object (not a closure) so that
-    ``copy.deepcopy`` of the model gives the copy its own context."""
-
-    def __init__(self, ctx: MixLoRAContext) -> None:
-        self.ctx = ctx
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        self.ctx.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        self.ctx.balance.start_call()
-        return None
+from ...routing_state import CallHooks, RoutingScope, checkpoint_layers_of
+from .layer import Linear, MixLoRAFFN, MixLoRALayer
 
 
 class MixLoRAModel(RoutedTuner):
@@ -41,10 +26,10 @@ class MixLoRAModel(RoutedTuner):
 
     # ------------------------------------------------------------------------------------------------ injection
     def _pre_injection_hook(self, model: nn.Module, config: MixLoRAConfig, adapter_name: str) -> None:
-        if not hasattr(self, "mixlora_ctx"):
-            self.mixlora_balance = MixLoRABalance()
-            self.mixlora_ctx = MixLoRAContext(balance=self.mixlora_balance)
-            self._capture_handle = model.register_forward_pre_hook(_CaptureCall(self.mixlora_ctx), with_kwargs=True)
+        if not hasattr(self, "routing_scope"):
+            self.routing_scope = RoutingScope("mixlora")
+            hooks = CallHooks(self.routing_scope, checkpoint_layers=checkpoint_layers_of(model))
+            self._call_hook_handles = hooks.install(model)
 
     def _prepare_adapter_config(self, peft_config: MixLoRAConfig, model_config: dict) -> MixLoRAConfig:
         if peft_config.target_modules == "all-linear":
@@ -94,7 +79,7 @@ class MixLoRAModel(RoutedTuner):
             if isinstance(target, BaseTunerLayer):
                 raise ValueError(f"MixLoRA: '{current_key}' is already wrapped by another adapter type")
             try:
-                new_module = MixLoRAFFN(target, adapter_name, config, self.mixlora_ctx)
+                new_module = MixLoRAFFN(target, adapter_name, config, self.routing_scope)
             except TypeError as err:
                 raise ValueError(f"MixLoRA cannot turn '{current_key}' into a mixture of experts: {err}") from err
         else:
@@ -120,10 +105,6 @@ class MixLoRAModel(RoutedTuner):
         super()._replace_module(parent, child_name, new_module, child)
 
     # -------------------------------------------------------------------------------------------- adapters
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self.mixlora_balance.reset(adapter_name)
-
     def _check_merge_allowed(self):
         raise ValueError(
             "MixLoRA adapters cannot be merged: the FFN experts are chosen per token by a router that depends on the "
