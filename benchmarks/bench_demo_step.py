@@ -13,7 +13,9 @@ training collator from rendered chat prompts:
   (country, age group, gender, religion).
 
 Both use the same questions, batch composition and right padding to the batch's longest row. Printed: median step
-time per (method, prompt), the paired after/before ratio per method, and the mean prompt length of each.
+time per (method, prompt), the paired after/before ratio per method, and the mean prompt length of each. With
+``--compile``, also ``after+compile``: the same step through ``torch.compile(model)`` (its compile time excluded and
+printed), to check whether a compiled train step pays on the CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,6 +76,8 @@ def make_batch(recs, tokenizer, system: str, uses_profile: bool):
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--compile", action="store_true",
+                   help="also time each method's after-step with torch.compile(model) (inductor; compile time excluded)")
     args = p.parse_args()
     threads = setup_torch(args.threads, args.seed, args.wait_load)
     from cuma.models import load_base, load_tokenizer
@@ -82,7 +87,7 @@ def main() -> None:
         tok.pad_token = tok.eos_token
     recs = {style: records(style, 64, args.seed)[: args.batch] for style in ("before", "after")}
     systems = {"before": OLD_SYSTEM, "after": prompts.SYSTEM_INSTRUCTION}
-    fns, lengths = {}, {}
+    fns, lengths, compile_seconds = {}, {}, {}
     for method in METHODS:
         built = methods.build(method, load_base("smollm2-135m"), **demo._method_options(method, "fast"))
         model = built.model.train()
@@ -100,6 +105,22 @@ def main() -> None:
                 opt.step()
 
             fns[f"{method}/{style}"] = step
+        if args.compile:
+            compiled = torch.compile(model)
+            batch, _ = make_batch(recs["after"], tok, systems["after"], built.uses_profile)
+
+            def compiled_step(model=model, compiled=compiled, opt=opt, batch=batch):
+                opt.zero_grad(set_to_none=True)
+                cuma.clear_balance_loss(model)
+                loss = compiled(**batch).loss
+                aux = cuma.pop_balance_loss(model)
+                (loss + aux if aux is not None else loss).backward()
+                opt.step()
+
+            t0 = time.perf_counter()
+            compiled_step()  # compiles; excluded from the timings
+            compile_seconds[method] = time.perf_counter() - t0
+            fns[f"{method}/after+compile"] = compiled_step
     reps = args.reps or (2 if args.quick else 5)
     times = time_interleaved(fns, reps=reps, warmup=args.warmup if args.warmup is not None else 1)
     rows = [{"variant": k, **summarize(v)} for k, v in times.items()]
@@ -109,8 +130,13 @@ def main() -> None:
     ratios = {m: paired_ratio(times[f"{m}/after"], times[f"{m}/before"]) for m in METHODS}
     for m, r in ratios.items():
         print(f"{m}: after/before = {r['median_paired_ratio']:.3f} (ratio of medians {r['ratio_of_medians']:.3f})")
+    if args.compile:
+        for m in METHODS:
+            ratios[f"{m}/compile"] = paired_ratio(times[f"{m}/after+compile"], times[f"{m}/after"])
+            print(f"{m}: compiled/eager = {ratios[f'{m}/compile']['median_paired_ratio']:.3f} "
+                  f"(compile took {compile_seconds[m]:.0f} s)")
     write_json(args.json, {"env": environment(threads), "lengths": lengths, "rows": rows, "ratios": ratios,
-                           "times": times})
+                           "compile_seconds": compile_seconds, "times": times})
 
 
 if __name__ == "__main__":

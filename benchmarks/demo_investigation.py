@@ -61,6 +61,14 @@ VARIANTS = {
     "balanced_pinit_nobal_lr2e-3": {"cfg": {"learning_rate": 2e-3},
                                     "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
                                                 "balance_loss_coef": 0.0}},
+    "lin_lr5e-4": {"cfg": {"learning_rate": 5e-4, "lr_scheduler": "linear"}},
+    "lin_lr1e-3": {"cfg": {"learning_rate": 1e-3, "lr_scheduler": "linear"}},
+    "lin_lr2e-3": {"cfg": {"learning_rate": 2e-3, "lr_scheduler": "linear"}},
+    "lin_paper_lr2e-3": {"cfg": {"learning_rate": 2e-3, "lr_scheduler": "linear"}},  # the paper's router
+    "lin_fast_lr1e-3": {"cfg": {"learning_rate": 1e-3, "lr_scheduler": "linear"},
+                        "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1}},
+    "lin_fast_lr2e-3": {"cfg": {"learning_rate": 2e-3, "lr_scheduler": "linear"},
+                        "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1}},
     "balanced_top1": {"options": {"router_input_norm": "balanced", "top_k": 1}},
     "balanced_pinit_lr1e-3_top1": {"cfg": {"learning_rate": 1e-3},
                                    "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
@@ -206,10 +214,12 @@ def main() -> None:
     p.add_argument("--answer-noise", type=float, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    # variants start from the paper's CuMA router and add their options explicitly
+    # variants start from the paper's CuMA router, one constant lr 5e-4 for every method (the earlier demo's
+    # training settings) and add their changes explicitly
     base_cfg = demo.DemoConfig(work=args.work, seed=args.data_seed, valid_pairs=args.valid_pairs,
                                held_out_valid_pairs=args.held_out_valid_pairs, conditioning="paper",
-                               mode_layout=args.mode_layout)
+                               mode_layout=args.mode_layout, learning_rate=5e-4, lr_scheduler="constant",
+                               method_learning_rates={})
     for name in ("country_strength", "answer_width", "answer_noise"):
         if getattr(args, name) is not None:
             setattr(base_cfg, name, getattr(args, name))

@@ -606,6 +606,18 @@ def _(ctx):
     return Case(["plan", "--model", str(ctx.model), "--gpus", "0"], ["--gpus", ">= 1"])
 
 
+@row("demo/method-learning-rate")
+def _(ctx):
+    return Case(["demo", "--quick", "--out", str(ctx.tmp / "r"), "--work", str(ctx.tmp / "w"),
+                 "--method-learning-rate", "dora=1e-3"], ["--method-learning-rate", "METHOD=LR", "'cuma'"])
+
+
+@row("data-synth/profile-fields")
+def _(ctx):
+    return Case(["data", "synth", "--out", str(ctx.tmp / "syn"), "--participants", "100", "--questions", "4",
+                 "--profile-fields", "B_COUNTRY,X003R"], ["profile_fields", "Q289", "latent mode"], ctx.tmp / "syn")
+
+
 # ---------------------------------------------------------------------------------------------------- the table
 
 

@@ -22,3 +22,13 @@ def test_demo_quick_writes_the_report(tmp_path):
     for name in ("metrics.png", "distributions.png", "expert_load.png"):
         assert (out / name).stat().st_size > 1000
     assert (work / "adapters" / "cuma" / "adapter_model.safetensors").is_file()
+    assert results["test_pairs"]["seen"] > 0 and results["test_pairs"]["held_out"] > 0
+    assert results["held_out_countries"] and all(c in results["zones"] for c in results["held_out_countries"])
+    # every trained method has a learning curve from the training callback, the untrained model its step-0 point
+    for method in ("lora", "cuma-semantic", "cuma"):
+        curve = results["learning_curves"][method]
+        assert curve and curve[-1]["step"] == results["config"]["steps"]
+    assert results["learning_curves"]["persona"][0]["step"] == 0
+    assert (out / "learning_curve.png").stat().st_size > 1000
+    assert results["cuma_options"]["cuma"]["router_input_norm"] == "balanced"
+    assert results["routing"]["held_out"] == results["held_out_countries"]

@@ -300,6 +300,7 @@ def test_invented_country_set_keeps_the_no_prior_names():
     (dict(zones=("Narnia",)), "unknown zone"),
     (dict(zones=("Confucian", "Confucian")), "twice"),
     (dict(profile_fields=("X003R",)), "B_COUNTRY"),
+    (dict(profile_fields=("B_COUNTRY", "X003R")), "shape the latent mode"),  # religion left out
     (dict(countries=49), "countries must be 2..48"),
 ])
 def test_zone_options_are_checked(bad, match):

@@ -52,9 +52,11 @@ class DemoConfig:
     zones: tuple = DEMO_ZONES
     countries: int = 20
     country_set: str = "zones"
-    country_strength: float = 3.0
-    answer_width: float = 1.0
-    answer_noise: float = 0.08
+    # a population whose groups answer distinctly (valid oracle ~80% vs mean collapse ~45%, docs/demo.md section 4):
+    # the conditional structure is then learnable in the demo's budget, for every method alike
+    country_strength: float = 4.0
+    answer_width: float = 0.7
+    answer_noise: float = 0.04
     mode_layout: str = "random"
     profile_fields: tuple = DEMO_PROFILE_FIELDS
     held_out_per_zone: int = 1  # whole countries held out of training, from every zone (zero-shot)
@@ -62,16 +64,19 @@ class DemoConfig:
     train_pairs: int = 960
     test_pairs: int = 200
     held_out_test_pairs: int = 120
-    valid_pairs: int = 96
-    held_out_valid_pairs: int = 48
+    valid_pairs: int = 64  # the learning curves' pairs (settings were chosen on a larger valid set, docs/demo.md)
+    held_out_valid_pairs: int = 32
     # training: the same budget for every method
     methods: list[str] = field(default_factory=lambda: ["lora", "cuma-semantic", "cuma"])
-    steps: int = 30
+    steps: int = 50
     batch_size: int = 8
-    learning_rate: float = 5e-4
+    learning_rate: float = 2e-3
+    # per-method learning rates where a method's best on the valid split differs (docs/demo.md section 2)
+    method_learning_rates: dict = field(default_factory=lambda: {"lora": 1e-3})
+    lr_scheduler: str = "linear"  # decays to 0 over the steps (valid split: better end points for every method)
     router_learning_rate: Optional[float] = None  # routers start untrained while B = 0: they may need a larger lr
     conditioning: str = "fast"  # CuMA's router: "fast" (CUMA_FAST_OPTIONS) or "paper" (the paper's raw concat)
-    curve_points: int = 4  # valid evaluations during training (the learning-curve figure); 0: none
+    curve_points: int = 2  # valid evaluations during training (the learning-curve figure); 0: none
     eval_batch_size: int = 32
 
     def quick_version(self) -> "DemoConfig":
@@ -135,6 +140,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help=f"training steps per method (default {d.steps})")
     parser.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
     parser.add_argument("--learning-rate", type=float, default=None, help=f"default {d.learning_rate}")
+    parser.add_argument("--method-learning-rate", action="append", default=None, metavar="METHOD=LR",
+                        help="learning rate of one method (repeatable), e.g. lora=5e-4; --learning-rate sets the rest "
+                        f"(default {d.method_learning_rates or 'none'})")
+    parser.add_argument("--lr-scheduler", choices=("constant", "linear", "cosine"), default=None,
+                        help=f"learning-rate schedule over the steps (default {d.lr_scheduler})")
     parser.add_argument("--router-learning-rate", type=float, default=None,
                         help="learning rate of the routers (default: the main one)")
     parser.add_argument("--conditioning", choices=("fast", "paper"), default=None,
@@ -161,8 +171,27 @@ def run(args: argparse.Namespace) -> int:
             setattr(cfg, name, value)
     if args.conditioning is not None:
         cfg.conditioning = args.conditioning
+    if args.learning_rate is not None and args.method_learning_rate is None:
+        cfg.method_learning_rates = {}  # one learning rate for every method
+    for item in args.method_learning_rate or ():
+        cfg.method_learning_rates = {**cfg.method_learning_rates, **_method_lr(item, cfg.methods)}
+    if args.lr_scheduler is not None:
+        cfg.lr_scheduler = args.lr_scheduler
     run_demo(cfg)
     return 0
+
+
+def _method_lr(item: str, methods: list[str]) -> dict:
+    name, sep, value = item.partition("=")
+    if not sep or name not in methods:
+        raise ValueError(f"--method-learning-rate must be METHOD=LR with METHOD one of {methods}, got {item!r}")
+    try:
+        lr = float(value)
+    except ValueError:
+        lr = -1.0
+    if not lr > 0:
+        raise ValueError(f"--method-learning-rate {name}: the learning rate must be a positive number, got {value!r}")
+    return {name: lr}
 
 
 class _Progress:
@@ -216,7 +245,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     # 4. report
     progress(f"writing {out}/")
-    routing = _cuma_expert_load(cfg, work, tokenizer, data) if "cuma" in cfg.methods else None
+    routing = _cuma_expert_load(cfg, work, tokenizer, data, held) if "cuma" in cfg.methods else None
     for method, run_record in runs.items():  # counted when training (a reloaded adapter is frozen)
         results[method]["table"]["trainable_parameters"] = run_record["method"]["trainable_parameters"]
         results[method]["table"]["trainable_share"] = (
@@ -235,6 +264,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "learning_curves": curves,
         "routing": routing,
         "environment": environment_record(),
+        "wall_seconds": round(time.perf_counter() - progress.t0, 1),  # start to report (the report's writing aside)
     }
     _write_report(cfg, out, summary, results, truth, routing)
     progress("done")
@@ -291,8 +321,9 @@ def _train(cfg: DemoConfig, method: str, prepared: Path, out: Path, options: Opt
     run_cfg = load_config(SFTRunConfig, None, [
         "--model.name_or_path", "smollm2-135m", "--data.path", str(prepared), "--method.name", method,
         "--train.output_dir", str(out), "--train.seed", str(cfg.seed), "--train.max_steps", str(cfg.steps),
-        "--train.per_device_train_batch_size", str(cfg.batch_size), "--train.learning_rate", str(cfg.learning_rate),
-        "--train.lr_scheduler_type", "constant", "--train.logging_steps", str(max(1, cfg.steps // 6)),
+        "--train.per_device_train_batch_size", str(cfg.batch_size),
+        "--train.learning_rate", str(cfg.method_learning_rates.get(method, cfg.learning_rate)),
+        "--train.lr_scheduler_type", cfg.lr_scheduler, "--train.logging_steps", str(max(1, cfg.steps // 6)),
         "--train.save_strategy", "no", "--train.report_to", "none",
     ])  # fmt: skip
     run_cfg.train.router_learning_rate = cfg.router_learning_rate
@@ -330,7 +361,7 @@ def _evaluate(cfg, method: str, adapter: Optional[Path], base, tokenizer, data, 
     return {"table": table, "predictions": preds}
 
 
-def _cuma_expert_load(cfg, work: Path, tokenizer, data) -> dict:
+def _cuma_expert_load(cfg, work: Path, tokenizer, data, held: list[str]) -> dict:
     """Mean gate per expert (over every adapted projection and non-pad token) for each country's test prompts."""
     from . import methods
     from .models import load_base
@@ -344,7 +375,7 @@ def _cuma_expert_load(cfg, work: Path, tokenizer, data) -> dict:
     # the projection whose expert load differs most between countries (the clearest view of a single router)
     spread = {name: float(torch.tensor([per_layer[c][name] for c in countries]).std(0).mean()) for name in layers}
     clearest = max(spread, key=spread.get)
-    return {"countries": countries, "similarity": similarity, "layer": clearest,
+    return {"countries": countries, "held_out": list(held), "similarity": similarity, "layer": clearest,
             "load": {c: per_layer[c][clearest] for c in countries},
             "mean_load": {c: [sum(v) / len(layers) for v in zip(*per_layer[c].values())] for c in countries}}
 
@@ -420,7 +451,8 @@ def _write_report(cfg: DemoConfig, out: Path, summary: dict, results: dict, trut
         f"SmolLM2-135M-Instruct, MiniLM profile embeddings, {cfg.participants} synthetic participants in "
         f"{cfg.countries} real countries of {len(cfg.zones)} Inglehart-Welzel cultural zones, {cfg.questions} "
         f"questions, {cfg.modes} latent cultural modes (one per zone); {cfg.train_pairs} training pairs; each method "
-        f"trained for {cfg.steps} steps of batch {cfg.batch_size} at learning rate {cfg.learning_rate} "
+        f"trained for {cfg.steps} steps of batch {cfg.batch_size} at learning rate {_lr_text(cfg)} "
+        f"({cfg.lr_scheduler} schedule) "
         f"(seed {cfg.seed}); {cuma_desc}. Test pairs come from participants never seen in training: {n['seen']} from "
         f"the countries seen in training, {n['held_out']} from countries held out of training entirely (zero-shot "
         f"column): {held}." + (" **Quick smoke run: numbers are noise.**" if cfg.quick else ""),
@@ -456,22 +488,32 @@ def _write_report(cfg: DemoConfig, out: Path, summary: dict, results: dict, trut
         "",
         *[f"![{name}]({name})" for name in figures],
         "",
-        f"Command: `{_command(cfg)}`. Everything (predictions, adapters, run records) is under "
+        f"Command: `{_command(cfg)}` ({summary['wall_seconds'] / 60:.1f} minutes from start to report). Everything (predictions, adapters, run records) is under "
         f"`{cfg.work}/`; every number of this page is in `results.json`.",
     ]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2, default=str))
 
 
+def _lr_text(cfg: DemoConfig) -> str:
+    lrs = {m: cfg.method_learning_rates.get(m, cfg.learning_rate) for m in cfg.methods}
+    if len(set(lrs.values())) == 1:
+        return f"{cfg.learning_rate:g}"
+    return ", ".join(f"{lr:g} ({METHOD_LABELS.get(m, m)})" for m, lr in lrs.items())
+
+
 def _command(cfg: DemoConfig) -> str:
     """The `cuma demo` command line that reproduces ``cfg`` (flags only where they differ from the defaults)."""
     default = DemoConfig().quick_version() if cfg.quick else DemoConfig()
     parts = ["cuma demo"] + (["--quick"] if cfg.quick else [])
-    for name in ("out", "work", "seed", "steps", "batch_size", "learning_rate", "router_learning_rate", "conditioning",
+    for name in ("out", "work", "seed", "steps", "batch_size", "learning_rate", "lr_scheduler", "router_learning_rate",
+                 "conditioning",
                  "train_pairs", "test_pairs", "held_out_test_pairs"):
         value = getattr(cfg, name)
         if value != getattr(default, name):
             parts.append(f"--{name.replace('_', '-')} {value}")
+    if cfg.method_learning_rates != default.method_learning_rates:
+        parts += [f"--method-learning-rate {m}={lr:g}" for m, lr in cfg.method_learning_rates.items()]
     return " ".join(parts)
 
 

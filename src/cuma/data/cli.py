@@ -113,6 +113,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--modes", type=int, default=4)
     s.add_argument("--countries", type=int, default=10)
     s.add_argument("--seed", type=_nonneg_int, default=0)
+    s.add_argument("--country-set", choices=("zones", "invented"), default="zones",
+                   help="real countries of the Inglehart-Welzel cultural zones (default) or invented names (no prior "
+                   "a sentence encoder could use for unseen countries)")
+    s.add_argument("--zones", default=None, metavar="Z1,Z2", help="comma-separated zone names (default: all eight)")
+    s.add_argument("--profile-fields", default=None, metavar="COL1,COL2",
+                   help="WVB demographic columns that carry values, e.g. B_COUNTRY,X003R,Q260,Q289 (default: all)")
+    s.add_argument("--mode-layout", choices=("random", "map"), default="random",
+                   help="where each mode peaks: at random places of the scale, or along the cultural map (zones only)")
+    s.add_argument("--country-strength", type=float, default=None, help="logit bonus of a country's dominant mode")
+    s.add_argument("--answer-width", type=float, default=None, help="scale of each mode's peak width (smaller: sharper)")
+    s.add_argument("--answer-noise", type=float, default=None, help="share of uniform answers mixed into each mode")
     s.add_argument("--prepare", metavar="DIR", default=None,
                    help="also write a prepared-data directory from the generated files (as `cuma data wvb` would)")
     _add_prepare_options(s, required=False)
@@ -231,6 +242,13 @@ def run(args: argparse.Namespace) -> int:
             modes=args.modes,
             seed=args.seed,
             countries=args.countries,
+            country_set=args.country_set,
+            zones=tuple(z.strip() for z in args.zones.split(",") if z.strip()) if args.zones else (),
+            profile_fields=tuple(f.strip() for f in args.profile_fields.split(",") if f.strip())
+            if args.profile_fields else (),
+            mode_layout=args.mode_layout,
+            **{k: getattr(args, k) for k in ("country_strength", "answer_width", "answer_noise")
+               if getattr(args, k) is not None},
         )
         manifest = write_synthetic(args.out, config, overwrite=args.overwrite)
         c = manifest["counts"]

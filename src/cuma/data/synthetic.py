@@ -268,10 +268,13 @@ class SynthConfig:
             raise ValueError(f"--zones: unknown zone(s) {unknown_zones}; zones: {list(ZONES)}")
         if len(set(self.zones)) != len(self.zones):
             raise ValueError(f"--zones lists a zone twice: {list(self.zones)}")
-        if unknown_fields or (self.profile_fields and "B_COUNTRY" not in self.profile_fields):
+        # country, age group (X003R) and religion (Q289) shape the latent mode: a profile without one of them would
+        # not determine its true distribution
+        needed = ("B_COUNTRY", "X003R", "Q289")
+        if unknown_fields or (self.profile_fields and any(f not in self.profile_fields for f in needed)):
             raise ValueError(
-                f"profile_fields must be WVB demographic columns among {list(PROFILE_COLUMNS)} and include B_COUNTRY, "
-                f"got {list(self.profile_fields)}"
+                f"profile_fields must be WVB demographic columns among {list(PROFILE_COLUMNS)} and include "
+                f"{', '.join(needed)} (the fields that shape the latent mode), got {list(self.profile_fields)}"
             )
         available = len(_country_table(self))
         checks = [
