@@ -42,6 +42,9 @@ from cuma.train.callbacks import ValidationCurve
 # variant -> DemoConfig overrides ("cfg") and method option overrides ("options", CuMA methods only)
 VARIANTS = {
     "paper": {},  # the paper's CuMA: raw concat(h_t, e_d), default init
+    "base": {},  # the 2026-11-28 name of "paper" (benchmarks/demo_sweep_gpu.sh waves 1 and 2)
+    "router5e-3": {"cfg": {"router_learning_rate": 5e-3}},
+    "b4lr2e-3": {"cfg": {"batch_size": 4, "learning_rate": 2e-3}},
     "lr1e-3": {"cfg": {"learning_rate": 1e-3}},
     "lr2e-3": {"cfg": {"learning_rate": 2e-3}},
     "balanced": {"options": {"router_input_norm": "balanced"}},

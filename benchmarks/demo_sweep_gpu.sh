@@ -8,6 +8,8 @@
 # SECONDS (default 300) bounds the whole sweep; each run writes its rows as it goes, so a cut keeps what was measured.
 # WAVE 1 (default): hundreds of steps, the variants of the first investigation, 480 and 3000 training pairs;
 # WAVE 2: budgets a 2-core CPU can afford (batch 4, 50-150 steps; larger learning rates) and a second training seed.
+# WAVE 3: the paper's router vs fast conditioning on the demo's zones population at 40 and 300 steps (docs/demo.md).
+# (Waves 1 and 2 name the variants of the 2026-11-28 investigation; "base" is today's "paper".)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?data root holding d480/ and d3000/}
@@ -27,6 +29,18 @@ launch() {  # name data steps eval_at variant:method [more demo_investigation op
     timeout "$LIMIT" $PY benchmarks/demo_investigation.py --data "$DATA/$data" --steps "$steps" --eval-at "$at" \
         --runs "$run" --work "$OUT_DIR/work_$name" --json "$OUT_DIR/rows_$name.json" "$@" >"$OUT_DIR/$name.log" 2>&1 &
 }
+if [ "$WAVE" = 3 ]; then
+    # docs/demo.md section 6: the paper's router against fast conditioning on the demo's population, at the demo's
+    # budget and at 300 steps (linear schedule over each run, the demo's learning rates), valid split.
+    #   python benchmarks/demo_investigation.py --prepare-only --data DATA/demo --valid-pairs 300
+    for steps in 40 300; do
+        launch "d_paper_$steps" demo $steps $steps lin_paper_lr2e-3:cuma --valid-limit 200
+        launch "d_fast_$steps" demo $steps $steps lin_fast_lr2e-3:cuma --valid-limit 200
+        launch "d_lora_$steps" demo $steps $steps lin_lr1e-3:lora --valid-limit 200
+    done
+    wait
+    WAVE=done
+fi
 if [ "$WAVE" = 2 ]; then
     for m in lora cuma-semantic cuma; do
         launch "c_b4_$m" d480 150 50,75,100,150 "b4lr2e-3:$m"
@@ -67,5 +81,5 @@ for f in sorted(out.glob("rows_*.json")):
 print(f"{'seed':>4} {'data':>5} {'variant':>10} {'method':>14} {'step':>5} {'acc':>6} {'emd':>6} {'emdE':>6} {'ent':>6} {'spread':>7}")
 for r in rows:
     print(f"{r.get('seed', 0):>4} {r['train_pairs']:>5} {r['variant']:>10} {r['method']:>14} {r['step']:>5} {100 * r['accuracy']:6.1f} "
-          f"{r['emd']:6.3f} {r['emd_expected']:6.3f} {r['entropy']:6.3f} {r.get('load_spread', float('nan')):7.4f}")
+          f"{r['emd']:6.3f} {r.get('emd_expected', float('nan')):6.3f} {r['entropy']:6.3f} {r.get('load_spread', float('nan')):7.4f}")
 EOF

@@ -62,13 +62,13 @@ class DemoConfig:
     held_out_per_zone: int = 1  # whole countries held out of training, from every zone (zero-shot)
     # pairs: test = seen-country pairs plus held-out-country pairs; the valid pairs draw the learning curves
     train_pairs: int = 960
-    test_pairs: int = 200
-    held_out_test_pairs: int = 120
-    valid_pairs: int = 64  # the learning curves' pairs (settings were chosen on a larger valid set, docs/demo.md)
-    held_out_valid_pairs: int = 32
+    test_pairs: int = 160
+    held_out_test_pairs: int = 100
+    valid_pairs: int = 32  # the learning curves' pairs (settings were chosen on a larger valid set, docs/demo.md)
+    held_out_valid_pairs: int = 16
     # training: the same budget for every method
     methods: list[str] = field(default_factory=lambda: ["lora", "cuma-semantic", "cuma"])
-    steps: int = 50
+    steps: int = 40
     batch_size: int = 8
     learning_rate: float = 2e-3
     # per-method learning rates where a method's best on the valid split differs (docs/demo.md section 2)
