@@ -73,6 +73,20 @@ def make_batch(recs, tokenizer, system: str, uses_profile: bool):
     return batch, statistics.mean(len(e["input_ids"]) for e in examples)
 
 
+def train_step(model, forward, opt, batch):
+    """One timed call: zero_grad, ``forward`` (the model or its compiled version), loss + balance term, backward, step."""
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        cuma.clear_balance_loss(model)
+        loss = forward(**batch).loss
+        aux = cuma.pop_balance_loss(model)
+        (loss + aux if aux is not None else loss).backward()
+        opt.step()
+
+    return step
+
+
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=8)
@@ -87,7 +101,7 @@ def main() -> None:
         tok.pad_token = tok.eos_token
     recs = {style: records(style, 64, args.seed)[: args.batch] for style in ("before", "after")}
     systems = {"before": OLD_SYSTEM, "after": prompts.SYSTEM_INSTRUCTION}
-    fns, lengths, compile_seconds = {}, {}, {}
+    fns, lengths, compile_seconds, compile_errors = {}, {}, {}, {}
     for method in METHODS:
         built = methods.build(method, load_base("smollm2-135m"), **demo._method_options(method, "fast"))
         model = built.model.train()
@@ -95,30 +109,17 @@ def main() -> None:
         for style in ("before", "after"):
             batch, mean_len = make_batch(recs[style], tok, systems[style], built.uses_profile)
             lengths[style] = mean_len
-
-            def step(model=model, opt=opt, batch=batch):
-                opt.zero_grad(set_to_none=True)
-                cuma.clear_balance_loss(model)
-                loss = model(**batch).loss
-                aux = cuma.pop_balance_loss(model)
-                (loss + aux if aux is not None else loss).backward()
-                opt.step()
-
-            fns[f"{method}/{style}"] = step
+            fns[f"{method}/{style}"] = train_step(model, model, opt, batch)
         if args.compile:
-            compiled = torch.compile(model)
             batch, _ = make_batch(recs["after"], tok, systems["after"], built.uses_profile)
-
-            def compiled_step(model=model, compiled=compiled, opt=opt, batch=batch):
-                opt.zero_grad(set_to_none=True)
-                cuma.clear_balance_loss(model)
-                loss = compiled(**batch).loss
-                aux = cuma.pop_balance_loss(model)
-                (loss + aux if aux is not None else loss).backward()
-                opt.step()
-
+            compiled_step = train_step(model, torch.compile(model), opt, batch)
             t0 = time.perf_counter()
-            compiled_step()  # compiles; excluded from the timings
+            try:
+                compiled_step()  # compiles; excluded from the timings
+            except Exception as err:  # a failed compile is a result too: recorded, the eager timings still run
+                compile_errors[method] = f"{type(err).__name__}: {str(err)[:300]}"
+                print(f"{method}: torch.compile failed: {compile_errors[method]}")
+                continue
             compile_seconds[method] = time.perf_counter() - t0
             fns[f"{method}/after+compile"] = compiled_step
     reps = args.reps or (2 if args.quick else 5)
@@ -131,12 +132,12 @@ def main() -> None:
     for m, r in ratios.items():
         print(f"{m}: after/before = {r['median_paired_ratio']:.3f} (ratio of medians {r['ratio_of_medians']:.3f})")
     if args.compile:
-        for m in METHODS:
+        for m in compile_seconds:
             ratios[f"{m}/compile"] = paired_ratio(times[f"{m}/after+compile"], times[f"{m}/after"])
             print(f"{m}: compiled/eager = {ratios[f'{m}/compile']['median_paired_ratio']:.3f} "
                   f"(compile took {compile_seconds[m]:.0f} s)")
     write_json(args.json, {"env": environment(threads), "lengths": lengths, "rows": rows, "ratios": ratios,
-                           "compile_seconds": compile_seconds, "times": times})
+                           "compile_seconds": compile_seconds, "compile_errors": compile_errors, "times": times})
 
 
 if __name__ == "__main__":

@@ -11,11 +11,7 @@ from .registry import MethodSpec, register
 
 
 def _build_hydralora(base: nn.Module, o: dict) -> nn.Module:
-    try:
-        from ..tuners.hydralora import HydraLoRAConfig
-    except ImportError as err:  # pragma: no cover - only while the tuner is missing
-        raise ImportError(f"the hydralora tuner is not available: {err}") from err
-    import cuma  # noqa: F401  (registers the tuners with PEFT)
+    from ..tuners.hydralora import HydraLoRAConfig  # registered with PEFT by the package import (cuma/__init__)
 
     return _peft_from_fields(HydraLoRAConfig, o, {}, base)
 

@@ -12,11 +12,7 @@ from .registry import MethodSpec, register
 
 
 def _build_mixlora(base: nn.Module, o: dict) -> nn.Module:
-    try:
-        from ..tuners.mixlora import MixLoRAConfig
-    except ImportError as err:  # pragma: no cover - only while the tuner is missing
-        raise ImportError(f"the mixlora tuner is not available: {err}") from err
-    import cuma  # noqa: F401
+    from ..tuners.mixlora import MixLoRAConfig  # registered with PEFT by the package import (cuma/__init__)
 
     return _peft_from_fields(MixLoRAConfig, o, {}, base)
 
