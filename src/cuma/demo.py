@@ -305,8 +305,6 @@ def _method_options(method: str, conditioning: str = "fast") -> dict:
     options = {"r": 8, "lora_alpha": 16, "num_experts": 8, "top_k": 2, "router_hidden": 256}
     if conditioning == "fast":
         options.update(CUMA_FAST_OPTIONS)
-        if method in ("cuma-semantic", "cuma-minimal"):
-            options.pop("router_profile_gain", None)
     elif conditioning != "paper":
         raise ValueError(f"--conditioning must be 'fast' or 'paper', got {conditioning!r}")
     return options
