@@ -108,6 +108,8 @@ def main() -> None:
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
         for style in ("before", "after"):
             batch, mean_len = make_batch(recs[style], tok, systems[style], built.uses_profile)
+            if built.uses_profile and style == "before":  # router_profile_center="train": centred on these rows
+                cuma.fit_profile_center(model, batch["profile_embeds"])
             lengths[style] = mean_len
             fns[f"{method}/{style}"] = train_step(model, model, opt, batch)
         if args.compile:

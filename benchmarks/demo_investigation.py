@@ -79,6 +79,30 @@ VARIANTS = {
     "balanced_g2": {"options": {"router_input_norm": "balanced", "router_profile_gain": 2.0}},
     "noprompt": {"options": {"profile_in_prompt": False}},
     "binit": {"options": {"init_weights": False}},
+    # adapting only the upper half of the layers (15-29) for every method: the backward pass stops at layer 15
+    "top15_lin_lr1e-3": {"cfg": {"learning_rate": 1e-3, "lr_scheduler": "linear"},
+                         "options": {"layers_to_transform": list(range(15, 30))}},
+    "top15_lin_lr2e-3": {"cfg": {"learning_rate": 2e-3, "lr_scheduler": "linear"},
+                         "options": {"layers_to_transform": list(range(15, 30))}},
+    "top15_lin_fast_lr2e-3": {"cfg": {"learning_rate": 2e-3, "lr_scheduler": "linear"},
+                              "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
+                                          "layers_to_transform": list(range(15, 30))}},
+    # fast conditioning + the routers' profile input centred on the training profiles' mean
+    "lin_fastc_lr2e-3": {"cfg": {"learning_rate": 2e-3, "lr_scheduler": "linear"},
+                         "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
+                                     "router_profile_center": "train"}},
+    "lin_fastc_lr3e-3": {"cfg": {"learning_rate": 3e-3, "lr_scheduler": "linear"},
+                         "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
+                                     "router_profile_center": "train"}},
+    "lin_fastc_noprompt_lr2e-3": {"cfg": {"learning_rate": 2e-3, "lr_scheduler": "linear"},
+                                  "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
+                                              "router_profile_center": "train", "profile_in_prompt": False}},
+    "lin_fastc_noprompt_lr3e-3": {"cfg": {"learning_rate": 3e-3, "lr_scheduler": "linear"},
+                                  "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
+                                              "router_profile_center": "train", "profile_in_prompt": False}},
+    "lin_fastc_g2_lr2e-3": {"cfg": {"learning_rate": 2e-3, "lr_scheduler": "linear"},
+                            "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
+                                        "router_profile_center": "train", "router_profile_gain": 2.0}},
     "b16": {"cfg": {"batch_size": 16}},
     "b16_balanced_pinit": {"cfg": {"batch_size": 16},
                            "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1}},
@@ -275,6 +299,7 @@ def main() -> None:
             options = {k: v for k, v in options.items() if k in LORA_OPTIONS}
         if method == "cuma-semantic":
             options.pop("router_profile_gain", None)
+            options.pop("router_profile_center", None)
         pip = options.get("profile_in_prompt", True)
         uses_profile = method in ("cuma", "cuma-soft")
         table = data.profile_embeds if uses_profile else None

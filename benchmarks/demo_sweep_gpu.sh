@@ -8,7 +8,8 @@
 # SECONDS (default 300) bounds the whole sweep; each run writes its rows as it goes, so a cut keeps what was measured.
 # WAVE 1 (default): hundreds of steps, the variants of the first investigation, 480 and 3000 training pairs;
 # WAVE 2: budgets a 2-core CPU can afford (batch 4, 50-150 steps; larger learning rates) and a second training seed.
-# WAVE 3: the paper's router vs fast conditioning on the demo's zones population at 40 and 300 steps (docs/demo.md).
+# WAVE 3: the paper's router vs fast conditioning (without and with the centred profile input, the demo's) on the
+# demo's zones population at 40 and 300 steps (docs/demo.md).
 # (Waves 1 and 2 name the variants of the 2026-11-28 investigation; "base" is today's "paper".)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,7 @@ if [ "$WAVE" = 3 ]; then
     for steps in 40 300; do
         launch "d_paper_$steps" demo $steps $steps lin_paper_lr2e-3:cuma --valid-limit 200
         launch "d_fast_$steps" demo $steps $steps lin_fast_lr2e-3:cuma --valid-limit 200
+        launch "d_fastc_$steps" demo $steps $steps lin_fastc_lr2e-3:cuma --valid-limit 200
         launch "d_lora_$steps" demo $steps $steps lin_lr1e-3:lora --valid-limit 200
     done
     wait

@@ -31,4 +31,16 @@ def test_demo_quick_writes_the_report(tmp_path):
     assert results["learning_curves"]["persona"][0]["step"] == 0
     assert (out / "learning_curve.png").stat().st_size > 1000
     assert results["cuma_options"]["cuma"]["router_input_norm"] == "balanced"
+    # the routers' profile centre was fitted on the training profiles and travels with the adapter
+    import torch
+
+    from cuma.data.records import load_prepared
+
+    saved = json.loads((work / "adapters" / "cuma" / "adapter_config.json").read_text())
+    data = load_prepared(work / "data" / "prepared")
+    rows = sorted({r["profile_index"] for r in data.train})
+    assert saved["router_profile_center"] == "train"
+    assert torch.allclose(torch.tensor(saved["profile_center"]), data.profile_embeds[rows].mean(0), atol=1e-6)
+    semantic = json.loads((work / "adapters" / "cuma-semantic" / "adapter_config.json").read_text())
+    assert semantic["router_profile_center"] == "none" and semantic["profile_center"] is None
     assert results["routing"]["held_out"] == results["held_out_countries"]

@@ -235,3 +235,20 @@ def test_router_learning_rate_keeps_the_trainer_optimizer(optim, tmp_path):
     # the scheduler keeps each group's learning rate
     trainer.create_scheduler(num_training_steps=1, optimizer=opt)
     assert sorted({g["lr"] for g in opt.param_groups}) == [1e-4, 1e-2]
+
+
+def test_sft_fits_the_profile_center_and_the_reloaded_adapter_scores_with_it(tiny_model_dir, tiny_prepared, tmp_path):
+    from cuma.data.records import load_prepared
+    from cuma.evaluate.scoring import score_records
+
+    cfg = config(tiny_model_dir, tiny_prepared, tmp_path / "out", "cuma")
+    cfg.method.options["router_profile_center"] = "train"
+    run_sft(cfg)
+    data = load_prepared(tiny_prepared)
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    rows = sorted({r["profile_index"] for r in data.train})
+    assert torch.allclose(torch.tensor(saved["profile_center"]), data.profile_embeds[rows].mean(0), atol=1e-6)
+    built = methods.load(None, cuma.models.load_base(str(tiny_model_dir)), tmp_path / "out")
+    preds = score_records(built.model, tiny_chat_tokenizer(), data.test[:4], batch_size=4,
+                          profile_table=data.profile_embeds, profile_in_prompt=built.profile_in_prompt, progress=False)
+    assert len(preds) == 4 and all(abs(sum(p["probs"]) - 1) < 1e-4 for p in preds)

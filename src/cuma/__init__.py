@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ._registry import register_tuner
 from .routing import GateRecord, clear_balance_loss, pop_balance_loss, record_gates
-from .tuners.cuma import CUMA_PEFT_TYPE, CuMAConfig, CuMAModel
+from .tuners.cuma import CUMA_PEFT_TYPE, CuMAConfig, CuMAModel, fit_profile_center
 from .tuners.hydralora import HYDRALORA_PEFT_TYPE, HydraLoRAConfig, HydraLoRAModel
 from .tuners.mixlora import MIXLORA_PEFT_TYPE, MixLoRAConfig, MixLoRAModel
 
@@ -47,6 +47,7 @@ __all__ = [
     "Profile",
     "ProfileEncoder",
     "clear_balance_loss",
+    "fit_profile_center",
     "pop_balance_loss",
     "record_gates",
     "register_tuner",

@@ -294,9 +294,11 @@ def _curve(cfg: DemoConfig, method: str, tokenizer, data, steps):
 
 
 # ------------------------------------------------------------------------------------------------------ training
-# CuMA's fast conditioning (chosen on the valid split, docs/demo.md): balanced router inputs and a profile-led
-# initial routing. "paper" keeps the paper's router (raw concat, default init).
-CUMA_FAST_OPTIONS = {"router_input_norm": "balanced", "router_token_init_scale": 0.1}
+# CuMA's fast conditioning (chosen on the valid split, docs/demo.md): balanced router inputs, a profile-led
+# initial routing, and the profile input centred on the training profiles' mean. "paper" keeps the paper's router
+# (raw concat, default init).
+CUMA_FAST_OPTIONS = {"router_input_norm": "balanced", "router_token_init_scale": 0.1, "router_profile_center": "train"}
+PROFILE_OPTIONS = ("router_profile_center",)  # options of a router that reads the profile (not semantic-only CuMA)
 
 
 def _method_options(method: str, conditioning: str = "fast") -> dict:
@@ -305,6 +307,9 @@ def _method_options(method: str, conditioning: str = "fast") -> dict:
     options = {"r": 8, "lora_alpha": 16, "num_experts": 8, "top_k": 2, "router_hidden": 256}
     if conditioning == "fast":
         options.update(CUMA_FAST_OPTIONS)
+        if method == "cuma-semantic":
+            for name in PROFILE_OPTIONS:
+                options.pop(name)
     elif conditioning != "paper":
         raise ValueError(f"--conditioning must be 'fast' or 'paper', got {conditioning!r}")
     return options

@@ -42,6 +42,9 @@ def _cuma_options(drop: Sequence[str] = (), **defaults) -> dict[str, Option]:
         "router_profile_gain": Option("float", 1.0, "initial gain of the profile part (router_input_norm='balanced')"),
         "router_token_init_scale": Option("float", 1.0, "scale of the router's token-part weights at init "
                                           "(< 1: the first routing follows the profile)"),
+        "router_profile_center": Option("str", "none", "'train': routers read the profile embedding minus the "
+                                        "training profiles' mean (fitted by the training recipe, stored in the "
+                                        "adapter config); 'none': the paper", choices=("none", "train")),
         "shared_A": Option("bool", False, "one A shared by all experts (paper: one A per expert)"),
         "share_router_qkv": Option("bool", False, "one router per attention block for q/k/v"),
         "share_router_gate_up": Option("bool", False, "one router per MLP block for gate/up"),
@@ -92,7 +95,8 @@ register(
         family="cuma",
         summary="CuMA ablation: router sees only h_t (profile_dim=0)",
         paper=CUMA_PAPER + ", ablation",
-        options=_cuma_options(drop=("profile_dim", "profile_proj_layers", "profile_proj_dim", "router_profile_gain")),
+        options=_cuma_options(drop=("profile_dim", "profile_proj_layers", "profile_proj_dim", "router_profile_gain",
+                                    "router_profile_center")),
         builder=_build_cuma({"profile_dim": 0}),
         save_format="adapter",
         peft_type="CUMA",

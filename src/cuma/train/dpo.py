@@ -32,6 +32,7 @@ from .preference import (
     REFERENCE_ADAPTER,
     BalanceLossMixin,
     add_reference_adapter,
+    fit_profile_centers,
     load_policy_and_reference,
     load_preference_data,
     profile_lookup,
@@ -157,6 +158,7 @@ def run_dpo(cfg: DPORunConfig) -> dict[str, Any]:
         width = table.shape[1] if table is not None else encoder.dim
         if width != built.profile_dim:
             raise ValueError(f"the method's profile_dim={built.profile_dim} does not match the profile embeddings' width {width}")
+        fit_profile_centers(built.model, records, table, encoder)  # router_profile_center='train', when not fitted
     d = cfg.dpo
     args = train_args_common(
         cfg.train, built, DPOConfig,

@@ -40,6 +40,7 @@ from .preference import (
     BalanceLossMixin,
     ProfileInjector,
     add_reference_adapter,
+    fit_profile_centers,
     load_preference_data,
     profile_lookup,
     profile_source,
@@ -287,6 +288,7 @@ def run_grpo(cfg: GRPORunConfig, judge=None, reward_funcs=None) -> dict[str, Any
         width = table.shape[1] if table is not None else encoder.dim
         if width != built.profile_dim:
             raise ValueError(f"the method's profile_dim={built.profile_dim} does not match the profile embeddings' width {width}")
+        fit_profile_centers(built.model, records, table, encoder)  # router_profile_center='train', when not fitted
     g = cfg.grpo
     extra = dict(beta=g.beta, num_generations=g.num_generations, max_completion_length=g.max_completion_length,
                  temperature=g.temperature, top_p=g.top_p, num_iterations=g.num_iterations,

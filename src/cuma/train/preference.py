@@ -311,3 +311,28 @@ def train_args_common(t, built, cls, **extra) -> Any:
     kwargs[f"{ckpt}_kwargs"] = {"use_reentrant": False} if ckpt_on else None
     kwargs.update(extra)
     return cls(**kwargs)
+
+
+def fit_profile_centers(model, records: Sequence[dict], table, encoder) -> list[str]:
+    """Fit ``profile_center`` (the mean training profile embedding) of every CuMA adapter of ``model`` that centres
+    its router's profile input (``router_profile_center='train'``) and has none yet (an adapter loaded from an SFT run
+    keeps the SFT run's). Each distinct training profile counts once. Returns the adapters it set."""
+    from ..tuners.cuma import CuMAConfig
+    from ..tuners.cuma.model import fit_profile_center
+
+    configs = getattr(model, "peft_config", None)
+    wanted = [n for n, c in (configs or {}).items()
+              if isinstance(c, CuMAConfig) and c.router_profile_center == "train" and c.profile_center is None]
+    if not wanted or not records:
+        return []
+    if table is not None:
+        index = sorted({int(r.get("profile_index", -1)) for r in records})
+        if index and (index[0] < 0 or index[-1] >= table.shape[0]):
+            raise ValueError(f"profile_index out of range for the profile table of {table.shape[0]} rows")
+        rows = table[torch.as_tensor(index)]
+    else:
+        rows = encoder.encode(sorted({r.get("profile_text", "") for r in records}))
+    done = []
+    for name in wanted:
+        done += fit_profile_center(model, rows.cpu(), adapter_name=name)
+    return done

@@ -221,7 +221,8 @@ def run_sft(cfg: SFTRunConfig, callbacks: Optional[list] = None) -> dict[str, An
     t0 = time.perf_counter()
 
     # data -> tokenised examples (WVB choice records, or the conversation records of a preference folder)
-    from .preference import is_preference_folder, load_preference_data, record_format, tokenize_conversation
+    from .preference import (fit_profile_centers, is_preference_folder, load_preference_data, record_format,
+                             tokenize_conversation)
 
     if cfg.data.format == "conversations" or (cfg.data.format == "auto" and is_preference_folder(cfg.data.path)):
         data = load_preference_data(cfg.data.path, kind="sft")
@@ -273,6 +274,8 @@ def run_sft(cfg: SFTRunConfig, callbacks: Optional[list] = None) -> dict[str, An
             raise ValueError(
                 f"method.options.profile_dim={built.profile_dim} does not match the profile embeddings' width {width}"
             )
+    if built.uses_profile:  # router_profile_center='train': the routers' profile input is centred on these profiles
+        fit_profile_centers(built.model, records, table, encoder)
     collator = ProfileCollator(
         pad_token_id=tokenizer.pad_token_id, profile_table=table, encoder=encoder, uses_profile=built.uses_profile
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -64,6 +66,19 @@ class CuMAConfig(PeftConfig):
             "help": "Scale of the router's token-part weights at initialisation (< 1: the first routing follows the "
             "profile, so experts specialise by group from the first step while B = 0)."
         },
+    )
+    router_profile_center: Literal["none", "train"] = field(
+        default="none",
+        metadata={
+            "help": "'train': the routers read profile_embeds minus profile_center, the mean embedding of the training "
+            "profiles (fitted before training by cuma.fit_profile_center; the SFT and DPO recipes do it). Profile "
+            "sentences share most of their embedding (mean cosine about 0.66 with MiniLM), so the shared part acts as "
+            "one fixed offset for every user; centring leaves the part that tells users apart. 'none': the paper."
+        },
+    )
+    profile_center: Optional[list[float]] = field(
+        default=None,
+        metadata={"help": "The fitted mean training profile embedding (profile_dim floats; router_profile_center)."},
     )
     share_router_qkv: bool = field(
         default=False, metadata={"help": "One router per attention block shared by q_proj/k_proj/v_proj."}
@@ -162,6 +177,24 @@ class CuMAConfig(PeftConfig):
             self.router_token_init_scale >= 0,
             f"router_token_init_scale must be >= 0, got {self.router_token_init_scale}",
         )
+        need(
+            self.router_profile_center in ("none", "train"),
+            f"router_profile_center must be 'none' or 'train', got {self.router_profile_center!r}",
+        )
+        need(
+            not (self.router_profile_center == "train" and self.profile_dim == 0),
+            "router_profile_center='train' needs profile_dim > 0 (a semantic-only router reads no profile)",
+        )
+        if self.profile_center is not None:
+            center = self.profile_center
+            need(
+                isinstance(center, (list, tuple))
+                and len(center) == self.profile_dim
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in center),
+                f"profile_center must be a list of profile_dim={self.profile_dim} finite numbers, got "
+                f"{type(center).__name__} of length {len(center) if hasattr(center, '__len__') else '?'}",
+            )
+            self.profile_center = [float(v) for v in center]
         validate_fast_path(self.fast_path, self.fast_path_compile, "CuMAConfig")
         need(
             self.bias in ("none", "all", "cuma_only"), f"bias must be 'none', 'all' or 'cuma_only', got {self.bias!r}"

@@ -29,6 +29,37 @@ def build_profile_projection(config: CuMAConfig) -> Optional[nn.Module]:
     return nn.Sequential(nn.Linear(config.profile_dim, config.router_hidden), nn.GELU(), nn.Linear(config.router_hidden, out))
 
 
+def fit_profile_center(model: nn.Module, profile_embeds: torch.Tensor, adapter_name: Optional[str] = None) -> list[str]:
+    """Store the mean of ``profile_embeds`` (the training profiles' embeddings, one row per profile) as the
+    ``profile_center`` of every CuMA adapter of ``model`` with ``router_profile_center='train'`` (or only
+    ``adapter_name``). It lives in the adapter config, so ``save_pretrained`` writes it to adapter_config.json and a
+    loaded adapter centres new profiles the same way. Returns the adapters it set."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        raise ValueError("fit_profile_center needs a PeftModel with a CuMA adapter (got a model without peft_config)")
+    if profile_embeds.ndim != 2 or profile_embeds.shape[0] == 0:
+        raise ValueError(f"profile_embeds must be a non-empty (profiles, dim) tensor, got shape {tuple(profile_embeds.shape)}")
+    mean = profile_embeds.detach().float().mean(0)
+    if not torch.isfinite(mean).all():
+        raise ValueError("profile_embeds contain NaN or infinite values: cannot fit profile_center")
+    done = []
+    for name, config in configs.items():
+        if adapter_name is not None and name != adapter_name:
+            continue
+        if not isinstance(config, CuMAConfig) or config.router_profile_center != "train":
+            continue
+        if mean.shape[0] != config.profile_dim:
+            raise ValueError(
+                f"CuMA adapter '{name}': profile_embeds have width {mean.shape[0]}, the adapter's profile_dim is "
+                f"{config.profile_dim}"
+            )
+        config.profile_center = mean.tolist()
+        done.append(name)
+    if adapter_name is not None and not done:
+        raise ValueError(f"adapter '{adapter_name}' is not a CuMA adapter with router_profile_center='train'")
+    return done
+
+
 class CuMAModel(RoutedTuner):
     """Creates a CuMA model from a pretrained transformers model (see :class:`CuMAConfig`)."""
 

@@ -1,0 +1,92 @@
+"""router_profile_center='train': the routers read the profile embedding minus the training profiles' mean."""
+
+import json
+
+import peft
+import pytest
+import torch
+from conftest import batch, profiles, tiny_llama
+
+import cuma
+from cuma.train.preference import fit_profile_centers
+
+D = 16
+
+
+def cfg(**kw):
+    options = dict(r=4, lora_alpha=8, num_experts=4, top_k=2, profile_dim=D, router_hidden=16, init_weights=False)
+    options.update(kw)
+    return cuma.CuMAConfig(**options)
+
+
+def logits(model, e, ids_mask=None):
+    ids, mask = ids_mask or batch()
+    return model(input_ids=ids, attention_mask=mask, profile_embeds=e).logits
+
+
+def pair():
+    """A centring model and a plain one with the same weights."""
+    torch.manual_seed(0)
+    plain = peft.get_peft_model(tiny_llama(), cfg()).eval()
+    centred = peft.get_peft_model(tiny_llama(), cfg(router_profile_center="train")).eval()
+    centred.load_state_dict(plain.state_dict())
+    return plain, centred
+
+
+def test_centred_routing_equals_routing_on_centred_embeddings():
+    plain, centred = pair()
+    table = profiles(6) + 3.0  # a large shared part, as sentence embeddings have
+    assert cuma.fit_profile_center(centred, table) == ["default"]
+    mean = table.mean(0)
+    e = table[:3]
+    torch.testing.assert_close(logits(centred, e), logits(plain, e - mean), rtol=1e-5, atol=1e-5)
+    assert (logits(centred, e) - logits(plain, e)).abs().max() > 1e-4  # the centring changes the routing
+
+
+def test_unfitted_centre_is_a_clear_error():
+    _, centred = pair()
+    with pytest.raises(ValueError, match="fit_profile_center"):
+        logits(centred, profiles())
+
+
+def test_centre_saved_in_adapter_config_and_reloaded(tmp_path):
+    _, centred = pair()
+    cuma.fit_profile_center(centred, profiles(5) + 1.0)
+    ref = logits(centred, profiles())
+    centred.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["router_profile_center"] == "train" and len(saved["profile_center"]) == D
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(logits(loaded, profiles()), ref, rtol=0, atol=0)
+
+
+def test_recipe_fits_once_per_distinct_training_profile_and_keeps_a_fitted_centre():
+    _, centred = pair()
+    table = torch.arange(3 * D, dtype=torch.float32).reshape(3, D)
+    records = [{"profile_index": 0}, {"profile_index": 0}, {"profile_index": 0}, {"profile_index": 2}]
+    assert fit_profile_centers(centred, records, table, None) == ["default"]
+    expected = table[[0, 2]].mean(0)  # profile 0 counts once, profile 1 (not in training) not at all
+    assert torch.allclose(torch.tensor(centred.peft_config["default"].profile_center), expected)
+    assert fit_profile_centers(centred, [{"profile_index": 1}], table, None) == []  # already fitted: kept
+    assert torch.allclose(torch.tensor(centred.peft_config["default"].profile_center), expected)
+
+
+def test_bad_centre_options_are_named():
+    with pytest.raises(ValueError, match="router_profile_center"):
+        cfg(router_profile_center="mean")
+    with pytest.raises(ValueError, match="profile_dim > 0"):
+        cfg(router_profile_center="train", profile_dim=0)
+    with pytest.raises(ValueError, match="profile_center must be a list of profile_dim=16"):
+        cfg(router_profile_center="train", profile_center=[0.0] * 3)
+    _, centred = pair()
+    with pytest.raises(ValueError, match="width 5"):
+        cuma.fit_profile_center(centred, torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="NaN"):
+        cuma.fit_profile_center(centred, torch.full((2, D), float("nan")))
+
+
+def test_semantic_only_method_has_no_centre_option():
+    from cuma import methods
+
+    assert "router_profile_center" in methods.get_spec("cuma").options
+    assert "router_profile_center" not in methods.get_spec("cuma-semantic").options
