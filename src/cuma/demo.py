@@ -148,8 +148,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router-learning-rate", type=float, default=None,
                         help="learning rate of the routers (default: the main one)")
     parser.add_argument("--conditioning", choices=("fast", "paper"), default=None,
-                        help="CuMA's router: 'fast' (balanced router inputs, profile-led initial routing; the default) "
-                        "or 'paper' (the paper's raw concat(h_t, e_d))")
+                        help="CuMA's router: 'fast' (balanced router inputs, profile-led initial routing, profile input "
+                        "centred on the training profiles; the default) or 'paper' (the paper's raw concat(h_t, e_d))")
     parser.add_argument("--train-pairs", type=int, default=None, help=f"default {d.train_pairs}")
     parser.add_argument("--test-pairs", type=int, default=None, help=f"seen-country test pairs (default {d.test_pairs})")
     parser.add_argument("--held-out-test-pairs", type=int, default=None,
@@ -447,7 +447,8 @@ def _write_report(cfg: DemoConfig, out: Path, summary: dict, results: dict, trut
     o_seen, o_held = summary["oracle"]["seen"], summary["oracle"]["held_out"]
     n = summary["test_pairs"]
     held = ", ".join(f"{c} ({summary['zones'].get(c)})" for c in summary["held_out_countries"])
-    cuma_desc = ("CuMA with fast conditioning (balanced router inputs, profile-led initial routing; "
+    cuma_desc = ("CuMA with fast conditioning (balanced router inputs, profile-led initial routing, profile input "
+                 "centred on the training profiles' mean; "
                  "`--conditioning paper` for the paper's router)" if cfg.conditioning == "fast"
                  else "CuMA with the paper's router (raw concat of hidden state and profile embedding)")
     lines = [
