@@ -34,12 +34,23 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from cuma import demo
+from cuma import demo, methods
 from cuma.data.records import load_prepared
 from cuma.routing import Router, rms_normalise
 from cuma.train.callbacks import ValidationCurve
 
-# variant -> DemoConfig overrides ("cfg") and method option overrides ("options", CuMA methods only)
+# the second round's building blocks: a linear schedule at one lr, fast conditioning without / with the centred
+# profile input, the upper half of the layers
+def _lin(lr: float) -> dict:
+    return {"learning_rate": lr, "lr_scheduler": "linear"}
+
+
+_FAST = {"router_input_norm": "balanced", "router_token_init_scale": 0.1}
+_FASTC = {**_FAST, "router_profile_center": "train"}
+_TOP15 = list(range(15, 30))
+
+# variant -> DemoConfig overrides ("cfg") and method option overrides ("options"; an option a method does not have
+# does not apply to it and is dropped for that method, e.g. the routing options for LoRA)
 VARIANTS = {
     "paper": {},  # the paper's CuMA: raw concat(h_t, e_d), default init
     "base": {},  # the 2026-11-28 name of "paper" (benchmarks/demo_sweep_gpu.sh waves 1 and 2)
@@ -80,34 +91,20 @@ VARIANTS = {
     "noprompt": {"options": {"profile_in_prompt": False}},
     "binit": {"options": {"init_weights": False}},
     # adapting only the upper half of the layers (15-29) for every method: the backward pass stops at layer 15
-    "top15_lin_lr1e-3": {"cfg": {"learning_rate": 1e-3, "lr_scheduler": "linear"},
-                         "options": {"layers_to_transform": list(range(15, 30))}},
-    "top15_lin_lr2e-3": {"cfg": {"learning_rate": 2e-3, "lr_scheduler": "linear"},
-                         "options": {"layers_to_transform": list(range(15, 30))}},
-    "top15_lin_fast_lr2e-3": {"cfg": {"learning_rate": 2e-3, "lr_scheduler": "linear"},
-                              "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
-                                          "layers_to_transform": list(range(15, 30))}},
-    # fast conditioning + the routers' profile input centred on the training profiles' mean
-    "lin_fastc_lr2e-3": {"cfg": {"learning_rate": 2e-3, "lr_scheduler": "linear"},
-                         "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
-                                     "router_profile_center": "train"}},
-    "lin_fastc_lr3e-3": {"cfg": {"learning_rate": 3e-3, "lr_scheduler": "linear"},
-                         "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
-                                     "router_profile_center": "train"}},
-    "lin_fastc_noprompt_lr2e-3": {"cfg": {"learning_rate": 2e-3, "lr_scheduler": "linear"},
-                                  "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
-                                              "router_profile_center": "train", "profile_in_prompt": False}},
-    "lin_fastc_noprompt_lr3e-3": {"cfg": {"learning_rate": 3e-3, "lr_scheduler": "linear"},
-                                  "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
-                                              "router_profile_center": "train", "profile_in_prompt": False}},
-    "lin_fastc_g2_lr2e-3": {"cfg": {"learning_rate": 2e-3, "lr_scheduler": "linear"},
-                            "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
-                                        "router_profile_center": "train", "router_profile_gain": 2.0}},
+    "top15_lin_lr1e-3": {"cfg": _lin(1e-3), "options": {"layers_to_transform": _TOP15}},
+    "top15_lin_lr2e-3": {"cfg": _lin(2e-3), "options": {"layers_to_transform": _TOP15}},
+    "top15_lin_fast_lr2e-3": {"cfg": _lin(2e-3), "options": {**_FAST, "layers_to_transform": _TOP15}},
+    # fast conditioning + the routers' profile input centred on the training profiles' mean (the demo's since the
+    # second round), and variations of it
+    "lin_fastc_lr2e-3": {"cfg": _lin(2e-3), "options": _FASTC},
+    "lin_fastc_lr3e-3": {"cfg": _lin(3e-3), "options": _FASTC},
+    "lin_fastc_noprompt_lr2e-3": {"cfg": _lin(2e-3), "options": {**_FASTC, "profile_in_prompt": False}},
+    "lin_fastc_noprompt_lr3e-3": {"cfg": _lin(3e-3), "options": {**_FASTC, "profile_in_prompt": False}},
+    "lin_fastc_g2_lr2e-3": {"cfg": _lin(2e-3), "options": {**_FASTC, "router_profile_gain": 2.0}},
     "b16": {"cfg": {"batch_size": 16}},
     "b16_balanced_pinit": {"cfg": {"batch_size": 16},
                            "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1}},
 }
-LORA_OPTIONS = ("profile_in_prompt", "init_weights", "layers_to_transform")
 
 
 class RouterDiagnostics(TrainerCallback):
@@ -295,11 +292,8 @@ def main() -> None:
         cfg = dataclasses.replace(base_cfg, **spec.get("cfg", {}))
         cfg.seed = args.seed  # after the data were made: the seed of the training run only
         options = dict(spec.get("options", {}))
-        if method == "lora":  # the routing options do not apply to LoRA
-            options = {k: v for k, v in options.items() if k in LORA_OPTIONS}
-        if method == "cuma-semantic":
-            options.pop("router_profile_gain", None)
-            options.pop("router_profile_center", None)
+        accepted = methods.get_spec(method).options  # e.g. no routing options for LoRA, no profile ones for semantic
+        options = {k: v for k, v in options.items() if k in accepted}
         pip = options.get("profile_in_prompt", True)
         uses_profile = method in ("cuma", "cuma-soft")
         table = data.profile_embeds if uses_profile else None

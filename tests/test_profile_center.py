@@ -90,3 +90,13 @@ def test_semantic_only_method_has_no_centre_option():
 
     assert "router_profile_center" in methods.get_spec("cuma").options
     assert "router_profile_center" not in methods.get_spec("cuma-semantic").options
+
+
+def test_refitted_centre_is_used_at_once():
+    plain, centred = pair()
+    cuma.fit_profile_center(centred, profiles(4) + 1.0)
+    e = profiles()
+    logits(centred, e)  # the first centre is now in use
+    table = profiles(5, seed=7) - 2.0
+    cuma.fit_profile_center(centred, table)
+    torch.testing.assert_close(logits(centred, e), logits(plain, e - table.mean(0)), rtol=1e-5, atol=1e-5)

@@ -298,21 +298,21 @@ def _curve(cfg: DemoConfig, method: str, tokenizer, data, steps):
 # initial routing, and the profile input centred on the training profiles' mean. "paper" keeps the paper's router
 # (raw concat, default init).
 CUMA_FAST_OPTIONS = {"router_input_norm": "balanced", "router_token_init_scale": 0.1, "router_profile_center": "train"}
-PROFILE_OPTIONS = ("router_profile_center",)  # options of a router that reads the profile (not semantic-only CuMA)
 
 
 def _method_options(method: str, conditioning: str = "fast") -> dict:
+    from . import methods
+
     if method == "lora":
         return {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
     options = {"r": 8, "lora_alpha": 16, "num_experts": 8, "top_k": 2, "router_hidden": 256}
     if conditioning == "fast":
         options.update(CUMA_FAST_OPTIONS)
-        if method == "cuma-semantic":
-            for name in PROFILE_OPTIONS:
-                options.pop(name)
     elif conditioning != "paper":
         raise ValueError(f"--conditioning must be 'fast' or 'paper', got {conditioning!r}")
-    return options
+    # an option the method does not have is one that does not apply to it (semantic-only CuMA reads no profile)
+    accepted = methods.get_spec(method).options
+    return {k: v for k, v in options.items() if k in accepted}
 
 
 def _train(cfg: DemoConfig, method: str, prepared: Path, out: Path, options: Optional[dict] = None,

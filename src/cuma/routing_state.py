@@ -53,12 +53,23 @@ _FINISHED: ContextVar[Optional[dict]] = ContextVar("cuma_finished_terms", defaul
 
 class RoutingScope:
     """The key under which the calls of one tuner live, plus that tuner's fixed routing parts (the profile
-    projections of CuMA). One per tuner instance; ``copy.deepcopy`` of the model gives the copy its own scope.
-    Holds no per-call data."""
+    projections and profile centres of CuMA). One per tuner instance; ``copy.deepcopy`` of the model gives the copy
+    its own scope. Holds no per-call data."""
 
     def __init__(self, kind: str, profile_proj: Optional[nn.ModuleDict] = None) -> None:
         self.kind = kind
         self.profile_proj = profile_proj  # owned (and registered) by the tuner, referenced here
+        # (adapter, device, dtype) -> (the config's profile_center list, that list as a tensor): converted once,
+        # not in every routed layer of every forward; a refit (a new list) converts again
+        self._centers: dict = {}
+
+    def profile_center(self, adapter_name: str, center: list, like: torch.Tensor) -> torch.Tensor:
+        """``center`` (an adapter config's fitted ``profile_center``) as a tensor on ``like``'s device and dtype."""
+        key = (adapter_name, like.device, like.dtype)
+        hit = self._centers.get(key)
+        if hit is None or hit[0] is not center:
+            hit = self._centers[key] = (center, torch.as_tensor(center, dtype=like.dtype, device=like.device))
+        return hit[1]
 
     def current(self) -> Optional["RoutingCall"]:
         """The call of this scope running in this context, or None outside any call."""

@@ -127,7 +127,7 @@ register(
         summary="CuMA ablation: no profile in the router and no balance loss",
         paper=CUMA_PAPER + ", ablation",
         options=_cuma_options(drop=("profile_dim", "profile_proj_layers", "profile_proj_dim", "balance_loss_coef",
-                                    "router_profile_gain")),
+                                    "router_profile_gain", "router_profile_center")),
         builder=_build_cuma({"profile_dim": 0, "balance_loss_coef": 0.0}),
         save_format="adapter",
         peft_type="CUMA",

@@ -71,7 +71,7 @@ class CuMAConfig(PeftConfig):
         default="none",
         metadata={
             "help": "'train': the routers read profile_embeds minus profile_center, the mean embedding of the training "
-            "profiles (fitted before training by cuma.fit_profile_center; the SFT and DPO recipes do it). Profile "
+            "profiles (fitted before training by cuma.fit_profile_center; the SFT, DPO and GRPO recipes do it). Profile "
             "sentences share most of their embedding (mean cosine about 0.66 with MiniLM), so the shared part acts as "
             "one fixed offset for every user; centring leaves the part that tells users apart. 'none': the paper."
         },

@@ -16,17 +16,6 @@ from .._shared import init_lora_pair
 from .config import CuMAConfig
 
 
-def profile_center_tensor(config: CuMAConfig, adapter_name: str, like: torch.Tensor) -> torch.Tensor:
-    """The fitted ``profile_center`` of a ``router_profile_center='train'`` adapter, on ``like``'s device and dtype."""
-    if config.profile_center is None:
-        raise ValueError(
-            f"CuMA adapter '{adapter_name}' has router_profile_center='train' but no fitted profile_center: call "
-            "cuma.fit_profile_center(model, profile_embeds) with the training profiles' embeddings before the first "
-            "forward (cuma train sft / dpo do it)"
-        )
-    return torch.as_tensor(config.profile_center, dtype=like.dtype, device=like.device)
-
-
 class CuMALayer(BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ("cuma_A", "cuma_B", "cuma_router")
     other_param_names: tuple[str, ...] = ("cuma_settings", "cuma_dropout", "_router_owner")
@@ -128,7 +117,13 @@ class CuMALayer(BaseTunerLayer):
             )
         # computed in every layer, not cached per call: a checkpoint recompute must save what its forward saved
         if config.router_profile_center == "train":
-            e = e - profile_center_tensor(config, adapter_name, e)
+            if config.profile_center is None:
+                raise ValueError(
+                    f"CuMA adapter '{adapter_name}' has router_profile_center='train' but no fitted profile_center: "
+                    "call cuma.fit_profile_center(model, profile_embeds) with the training profiles' embeddings "
+                    "before the first forward (cuma train sft / dpo / grpo do it)"
+                )
+            e = e - self._routing_scope.profile_center(adapter_name, config.profile_center, e)
         projections = self._routing_scope.profile_proj
         proj = projections[adapter_name] if projections is not None and adapter_name in projections else None
         if proj is not None:
