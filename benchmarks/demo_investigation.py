@@ -39,8 +39,8 @@ from cuma.data.records import load_prepared
 from cuma.routing import Router, rms_normalise
 from cuma.train.callbacks import ValidationCurve
 
-# the second round's building blocks: a linear schedule at one lr, fast conditioning without / with the centred
-# profile input, the upper half of the layers
+# shared building blocks: a linear schedule at one lr, fast conditioning without / with the centred profile input,
+# the upper half of the layers
 def _lin(lr: float) -> dict:
     return {"learning_rate": lr, "lr_scheduler": "linear"}
 
@@ -61,32 +61,25 @@ VARIANTS = {
     "balanced": {"options": {"router_input_norm": "balanced"}},
     "balanced_g4": {"options": {"router_input_norm": "balanced", "router_profile_gain": 4.0}},
     "pinit": {"options": {"router_token_init_scale": 0.1}},
-    "balanced_pinit": {"options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1}},
+    "balanced_pinit": {"options": _FAST},
     "balanced_pinit0": {"options": {"router_input_norm": "balanced", "router_token_init_scale": 0.0}},
-    "balanced_pinit_lr1e-3": {"cfg": {"learning_rate": 1e-3},
-                              "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1}},
-    "balanced_pinit_lr2e-3": {"cfg": {"learning_rate": 2e-3},
-                              "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1}},
+    "balanced_pinit_lr1e-3": {"cfg": {"learning_rate": 1e-3}, "options": _FAST},
+    "balanced_pinit_lr2e-3": {"cfg": {"learning_rate": 2e-3}, "options": _FAST},
     "balanced_pinit0_lr2e-3": {"cfg": {"learning_rate": 2e-3},
                                "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.0}},
     "balanced_pinit_top1_lr2e-3": {"cfg": {"learning_rate": 2e-3},
-                                   "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
-                                               "top_k": 1}},
+                                   "options": {**_FAST, "top_k": 1}},
     "balanced_pinit_nobal_lr2e-3": {"cfg": {"learning_rate": 2e-3},
-                                    "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
-                                                "balance_loss_coef": 0.0}},
-    "lin_lr5e-4": {"cfg": {"learning_rate": 5e-4, "lr_scheduler": "linear"}},
-    "lin_lr1e-3": {"cfg": {"learning_rate": 1e-3, "lr_scheduler": "linear"}},
-    "lin_lr2e-3": {"cfg": {"learning_rate": 2e-3, "lr_scheduler": "linear"}},
-    "lin_paper_lr2e-3": {"cfg": {"learning_rate": 2e-3, "lr_scheduler": "linear"}},  # the paper's router
-    "lin_fast_lr1e-3": {"cfg": {"learning_rate": 1e-3, "lr_scheduler": "linear"},
-                        "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1}},
-    "lin_fast_lr2e-3": {"cfg": {"learning_rate": 2e-3, "lr_scheduler": "linear"},
-                        "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1}},
+                                    "options": {**_FAST, "balance_loss_coef": 0.0}},
+    "lin_lr5e-4": {"cfg": _lin(5e-4)},
+    "lin_lr1e-3": {"cfg": _lin(1e-3)},
+    "lin_lr2e-3": {"cfg": _lin(2e-3)},
+    "lin_paper_lr2e-3": {"cfg": _lin(2e-3)},  # the paper's router
+    "lin_fast_lr1e-3": {"cfg": _lin(1e-3), "options": _FAST},
+    "lin_fast_lr2e-3": {"cfg": _lin(2e-3), "options": _FAST},
     "balanced_top1": {"options": {"router_input_norm": "balanced", "top_k": 1}},
     "balanced_pinit_lr1e-3_top1": {"cfg": {"learning_rate": 1e-3},
-                                   "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1,
-                                               "top_k": 1}},
+                                   "options": {**_FAST, "top_k": 1}},
     "balanced_g2": {"options": {"router_input_norm": "balanced", "router_profile_gain": 2.0}},
     "noprompt": {"options": {"profile_in_prompt": False}},
     "binit": {"options": {"init_weights": False}},
@@ -102,8 +95,7 @@ VARIANTS = {
     "lin_fastc_noprompt_lr3e-3": {"cfg": _lin(3e-3), "options": {**_FASTC, "profile_in_prompt": False}},
     "lin_fastc_g2_lr2e-3": {"cfg": _lin(2e-3), "options": {**_FASTC, "router_profile_gain": 2.0}},
     "b16": {"cfg": {"batch_size": 16}},
-    "b16_balanced_pinit": {"cfg": {"batch_size": 16},
-                           "options": {"router_input_norm": "balanced", "router_token_init_scale": 0.1}},
+    "b16_balanced_pinit": {"cfg": {"batch_size": 16}, "options": _FAST},
 }
 
 
@@ -295,7 +287,7 @@ def main() -> None:
         accepted = methods.get_spec(method).options  # e.g. no routing options for LoRA, no profile ones for semantic
         options = {k: v for k, v in options.items() if k in accepted}
         pip = options.get("profile_in_prompt", True)
-        uses_profile = method in ("cuma", "cuma-soft")
+        uses_profile = methods.get_spec(method).profile_routing
         table = data.profile_embeds if uses_profile else None
         routed = method.startswith("cuma")
         grads = RouterDiagnostics()

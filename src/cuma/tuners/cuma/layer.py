@@ -115,7 +115,8 @@ class CuMALayer(BaseTunerLayer):
                 f"profile_embeds gives {e.shape[0]} rows but this layer sees a batch of {rows}; pass one profile "
                 "row per example of the batch"
             )
-        # computed in every layer, not cached per call: a checkpoint recompute must save what its forward saved
+        # the subtraction runs in every layer, not cached per call (a checkpoint recompute must save what its forward
+        # saved); the centre tensor itself is converted once, on the routing scope
         if config.router_profile_center == "train":
             if config.profile_center is None:
                 raise ValueError(
