@@ -94,6 +94,9 @@ VARIANTS = {
     "lin_fastc_noprompt_lr2e-3": {"cfg": _lin(2e-3), "options": {**_FASTC, "profile_in_prompt": False}},
     "lin_fastc_noprompt_lr3e-3": {"cfg": _lin(3e-3), "options": {**_FASTC, "profile_in_prompt": False}},
     "lin_fastc_g2_lr2e-3": {"cfg": _lin(2e-3), "options": {**_FASTC, "router_profile_gain": 2.0}},
+    # fourth round: a learning-rate split for the fast-conditioned routers (3x and 10x the main lr)
+    "lin_fastc_rlr6e-3_lr2e-3": {"cfg": {**_lin(2e-3), "router_learning_rate": 6e-3}, "options": _FASTC},
+    "lin_fastc_rlr2e-2_lr2e-3": {"cfg": {**_lin(2e-3), "router_learning_rate": 2e-2}, "options": _FASTC},
     "b16": {"cfg": {"batch_size": 16}},
     "b16_balanced_pinit": {"cfg": {"batch_size": 16}, "options": _FAST},
 }
@@ -230,12 +233,12 @@ def main() -> None:
     p.add_argument("--answer-noise", type=float, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    # variants start from the paper's CuMA router, one constant lr 5e-4 for every method (the earlier demo's
-    # training settings) and add their changes explicitly
+    # variants start from the paper's CuMA router, one constant lr 5e-4 for every method and no router lr split
+    # (the earlier demo's training settings) and add their changes explicitly
     base_cfg = demo.DemoConfig(work=args.work, seed=args.data_seed, valid_pairs=args.valid_pairs,
                                held_out_valid_pairs=args.held_out_valid_pairs, conditioning="paper",
                                mode_layout=args.mode_layout, learning_rate=5e-4, lr_scheduler="constant",
-                               method_learning_rates={})
+                               method_learning_rates={}, router_learning_rate=None)
     for name in ("country_strength", "answer_width", "answer_noise"):
         if getattr(args, name) is not None:
             setattr(base_cfg, name, getattr(args, name))

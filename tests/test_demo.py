@@ -44,3 +44,18 @@ def test_demo_quick_writes_the_report(tmp_path):
     semantic = json.loads((work / "adapters" / "cuma-semantic" / "adapter_config.json").read_text())
     assert semantic["router_profile_center"] == "none" and semantic["profile_center"] is None
     assert results["routing"]["held_out"] == results["held_out_countries"]
+    # the routing map was pooled from CuMA's test evaluation: every test country, every test prompt
+    assert sorted(results["routing"]["countries"]) == sorted({r["profile"]["country"] for r in data.test})
+    # the claims table: the five claims, accuracy differences with a paired interval around them
+    claims = results["claims"]
+    assert len(claims) == 5 and all(isinstance(c["met"], bool) for c in claims)
+    for c in claims:
+        if c["kind"] == "accuracy difference":
+            assert c["interval"][0] <= c["measured"] <= c["interval"][1]
+    assert "95% interval" in report
+    # the routers' learning-rate split reached both CuMA runs (and no router-less method)
+    import yaml
+
+    for method, router_lr in (("cuma", 6e-3), ("cuma-semantic", 6e-3), ("lora", None)):
+        resolved = yaml.safe_load((work / "adapters" / method / "resolved_config.yaml").read_text())
+        assert resolved["train"]["router_learning_rate"] == router_lr

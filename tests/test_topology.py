@@ -157,6 +157,48 @@ def test_limit_per_group():
     np.testing.assert_allclose(stats.mean_gate[0], EXPECTED_GATE, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_accumulator_inside_an_evaluation_pass(padding_side):
+    """The demo pools its routing map from the gates of its test evaluation (score_records, batched longest-first,
+    rows reported through on_rows): the same statistics as a collect_routing pass of its own."""
+    from cuma.evaluate.scoring import score_records
+    from cuma.routing import record_gates
+
+    built = _hand_set_cuma()
+    tok = tiny_chat_tokenizer(padding_side)
+    recs = _records()
+    seen_rows = []
+    acc = topo.RoutingAccumulator(recs)
+    with torch.no_grad(), record_gates(built.model) as rec:
+        preds = score_records(built.model, tok, recs, batch_size=5, profile_table=torch.eye(3), progress=False,
+                              on_rows=lambda idx: (seen_rows.extend(idx), acc.add_forward(rec, [recs[i] for i in idx])))
+        assert all(not calls for calls in rec.gates.values())  # emptied after every forward
+    assert sorted(seen_rows) == list(range(len(recs))) and len(preds) == len(recs)
+    pooled = acc.stats()
+    own = topo.collect_routing(built.model, tok, recs, profile_table=torch.eye(3), batch_size=3)
+    assert pooled.groups == own.groups and pooled.layers == own.layers and pooled.prompts == own.prompts
+    np.testing.assert_allclose(pooled.mean_gate, own.mean_gate, atol=1e-6)
+    np.testing.assert_array_equal(pooled.tokens, own.tokens)
+    np.testing.assert_allclose(pooled.mean_gate[0], EXPECTED_GATE, atol=1e-5)
+    assert pooled.held_out == {"Aland": False, "Borea": False, "Cydon": True}
+
+
+def test_accumulator_refuses_unknown_groups_and_empty_passes():
+    built = _hand_set_cuma()
+    recs = _records()
+    acc = topo.RoutingAccumulator(recs[:4])  # Aland only
+    with pytest.raises(ValueError, match="no gates were pooled"):
+        acc.stats()
+    from cuma.routing import record_gates
+
+    tok = tiny_chat_tokenizer()
+    enc = tok([f"x {i}" for i in range(2)], return_tensors="pt", padding=True)
+    with torch.no_grad(), record_gates(built.model) as rec:
+        built.model(**enc, profile_embeds=torch.eye(3)[[1, 2]])
+    with pytest.raises(ValueError, match="'Borea' was not among"):
+        acc.add_forward(rec, [recs[4], recs[8]])
+
+
 def test_model_without_routers_is_refused():
     built = methods.build("lora", tiny_llama(), r=2)
     with pytest.raises(ValueError, match="no routed layers"):

@@ -209,13 +209,16 @@ def score_prompts(
     sort_by_length: bool = True,
     add_special_tokens: bool = False,
     on_batch: Optional[Callable[[int], None]] = None,
+    on_rows: Optional[Callable[[list[int]], None]] = None,
 ) -> list[np.ndarray]:
     """Option distribution of each prompt: softmax over ``logits[answer position, letter_ids[i]]``.
 
     ``profile_rows``: ``(len(prompts), dim)`` profile embeddings passed as ``profile_embeds`` (one row per prompt),
     or None. Prompts are batched by length (longest first, so memory problems show at once) and the results are
     returned in input order. The rendered chat text already holds the template's special tokens, so
-    ``add_special_tokens`` is False by default. The progress bar goes to stderr.
+    ``add_special_tokens`` is False by default. The progress bar goes to stderr. ``on_batch`` gets the size of each
+    finished batch, ``on_rows`` its prompts' indices (input order), right after its forward: e.g. to read what a
+    :func:`cuma.routing.record_gates` block recorded for those prompts.
     """
     if len(prompts) != len(letter_ids):
         raise ValueError(f"{len(prompts)} prompts but {len(letter_ids)} letter-id lists")
@@ -256,6 +259,8 @@ def score_prompts(
             bar.update(len(idx))
             if on_batch is not None:
                 on_batch(len(idx))
+            if on_rows is not None:
+                on_rows(list(idx))
     finally:
         bar.close()
         if was_training:
@@ -278,6 +283,7 @@ def score_records(
     progress: bool = True,
     desc: str = "scoring",
     chunk_size: int = 8192,
+    on_rows: Optional[Callable[[list[int]], None]] = None,
 ) -> list[dict[str, Any]]:
     """Score WVB-format records (docs/data-schema.md) and return one prediction dict per record, in input order.
 
@@ -289,6 +295,7 @@ def score_records(
     ``letters``, ``option_values``, ``scale_min``, ``scale_max``, ``ordinal``, ``gold_letter``, ``gold_value``,
     ``gold_index``, plus ``probs`` (the option distribution, a list of floats in letter order), ``pred_index``,
     ``pred_letter`` and ``pred_value`` -- exactly what :func:`cuma.evaluate.choice.compute_metrics` reads.
+    ``on_rows``: called after each batch's forward with the indices (into ``records``) of the records it scored.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -320,6 +327,7 @@ def score_records(
             dists = score_prompts(
                 model, tokenizer, [build(rec) for rec in part], letter_ids[start : start + chunk_size],
                 batch_size=batch_size, profile_rows=rows, progress=False, on_batch=bar.update,
+                on_rows=None if on_rows is None else (lambda idx, _s=start: on_rows([_s + i for i in idx])),
             )
             out.extend(prediction(rec, p) for rec, p in zip(part, dists))
     finally:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 __all__ = [
+    "RoutingAccumulator",
     "RoutingStats",
     "average_linkage",
     "classical_mds",
@@ -270,6 +271,84 @@ def _model_device(model) -> Any:
         return torch.device("cpu")
 
 
+class RoutingAccumulator:
+    """Pools recorded gates per layer and profile group, one forward at a time: the reduction behind
+    :func:`collect_routing`, usable inside any pass that records its gates (e.g. an evaluation pass under
+    :func:`cuma.routing.record_gates`, so the routing map costs no forward of its own).
+
+    ``records``: every record that will be fed (they fix the groups, their prompt counts and held-out flags)."""
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], group_field: str = "country") -> None:
+        self.group_field = group_field
+        self.prompts: dict[str, int] = {}
+        self.held: dict[str, bool] = {}
+        for r in records:
+            g = group_key(r, group_field)
+            self.prompts[g] = self.prompts.get(g, 0) + 1
+            self.held[g] = self.held.get(g, False) or bool(r.get("held_out", False))
+        self.groups = sorted(self.prompts)
+        self._gidx = {g: i for i, g in enumerate(self.groups)}
+        self._sums: dict[str, list[np.ndarray]] = {}
+        self._layers: list[str] = []
+
+    def add_forward(self, rec, batch: Sequence[Mapping[str, Any]], attention_mask=None) -> None:
+        """Pool what ``rec`` (a :class:`cuma.routing.GateRecord`) holds for ONE forward of ``batch`` (one call per
+        routed layer, rows in ``batch`` order), then empty ``rec`` for the next forward. Only non-pad tokens count:
+        the layer's routing mask, else ``attention_mask``."""
+        import torch
+
+        if not rec.gates:
+            raise ValueError("the model has no routed layers: routing analysis needs a mixture method (cuma, ...)")
+        if not self._layers:
+            self._layers = rec.layer_names()
+        try:
+            row_group = np.asarray([self._gidx[group_key(r, self.group_field)] for r in batch])
+        except KeyError as err:
+            raise ValueError(f"group {err.args[0]!r} was not among the accumulator's records") from None
+        for name in self._layers:
+            calls = rec.gates.get(name) or []
+            if len(calls) > 1:
+                raise ValueError(f"{name}: {len(calls)} recorded calls for one forward (expected 1)")
+            if not calls:
+                continue
+            g = calls[0].float()  # (B, T, N)
+            m = rec.masks[name][0]
+            if m is None:
+                if attention_mask is not None and g.shape[0] == attention_mask.shape[0]:
+                    m = attention_mask[:, -g.shape[1] :].bool()
+                else:
+                    m = torch.ones(g.shape[:2], dtype=torch.bool)
+            mf = m.to(g.device).float().unsqueeze(-1)
+            gate_sum = (g * mf).sum(1).cpu().numpy().astype(float)  # (B, N)
+            sel_sum = ((g > 0).float() * mf).sum(1).cpu().numpy().astype(float)
+            tok = mf.squeeze(-1).sum(1).cpu().numpy().astype(float)  # (B,)
+            if name not in self._sums:
+                n = g.shape[-1]
+                self._sums[name] = [np.zeros((len(self.groups), n)), np.zeros((len(self.groups), n)),
+                                    np.zeros(len(self.groups))]
+            acc = self._sums[name]
+            np.add.at(acc[0], row_group, gate_sum)
+            np.add.at(acc[1], row_group, sel_sum)
+            np.add.at(acc[2], row_group, tok)
+        for name in rec.gates:  # one forward's gates at a time: memory stays flat over a long pass
+            rec.gates[name].clear()
+            rec.masks[name].clear()
+
+    def stats(self) -> RoutingStats:
+        layer_names = [n for n in self._layers if n in self._sums]
+        if not layer_names:
+            raise ValueError("no gates were pooled: nothing was routed")
+        sums = self._sums
+        mean_gate = np.stack([sums[n][0] / np.maximum(sums[n][2][:, None], 1e-12) for n in layer_names])
+        sel = np.stack([sums[n][1] for n in layer_names])
+        load_share = sel / np.maximum(sel.sum(-1, keepdims=True), 1e-12)
+        tokens = np.stack([sums[n][2] for n in layer_names])
+        return RoutingStats(
+            layers=layer_names, groups=list(self.groups), mean_gate=mean_gate, load_share=load_share, tokens=tokens,
+            prompts=dict(self.prompts), held_out=dict(self.held),
+        )  # fmt: skip
+
+
 def collect_routing(
     model,
     tokenizer,
@@ -298,23 +377,18 @@ def collect_routing(
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     chosen: list[Mapping[str, Any]] = []
     per_group: dict[str, int] = {}
-    held: dict[str, bool] = {}
     for r in records:
         g = group_key(r, group_field)
         if limit is not None and per_group.get(g, 0) >= limit:
             continue
         per_group[g] = per_group.get(g, 0) + 1
-        held[g] = held.get(g, False) or bool(r.get("held_out", False))
         chosen.append(r)
     if not chosen:
         raise ValueError("no records to route")
-    groups = sorted(per_group)
-    gidx = {g: i for i, g in enumerate(groups)}
+    acc = RoutingAccumulator(chosen, group_field)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = _model_device(model)
-    sums: dict[str, list[np.ndarray]] = {}
-    layer_names: list[str] = []
     model.eval()
     done = 0
     for start in range(0, len(chosen), batch_size):
@@ -334,43 +408,11 @@ def collect_routing(
                 if "logits_to_keep" not in str(err):
                     raise
                 model(input_ids=ids, attention_mask=mask, **kwargs)
-        if not rec.gates:
-            raise ValueError("the model has no routed layers: routing analysis needs a mixture method (cuma, ...)")
-        if not layer_names:
-            layer_names = rec.layer_names()
-        row_group = np.asarray([gidx[group_key(r, group_field)] for r in batch])
-        for name in layer_names:
-            calls = rec.gates.get(name) or []
-            if not calls:
-                continue
-            g = calls[0].float()  # (B, T, N): one forward = one call
-            m = rec.masks[name][0]
-            if m is None:
-                m = mask[:, -g.shape[1] :].bool() if g.shape[0] == mask.shape[0] else torch.ones(g.shape[:2], dtype=torch.bool)
-            m = m.to(g.device).bool()
-            mf = m.float().unsqueeze(-1)
-            gate_sum = (g * mf).sum(1).cpu().numpy().astype(float)  # (B, N)
-            sel_sum = ((g > 0).float() * mf).sum(1).cpu().numpy().astype(float)
-            tok = m.float().sum(1).cpu().numpy().astype(float)  # (B,)
-            n = g.shape[-1]
-            if name not in sums:
-                sums[name] = [np.zeros((len(groups), n)), np.zeros((len(groups), n)), np.zeros(len(groups))]
-            acc = sums[name]
-            np.add.at(acc[0], row_group, gate_sum)
-            np.add.at(acc[1], row_group, sel_sum)
-            np.add.at(acc[2], row_group, tok)
+        acc.add_forward(rec, batch, attention_mask=mask)
         done += len(batch)
         if progress is not None:
             progress(done, len(chosen))
-    layer_names = [n for n in layer_names if n in sums]
-    mean_gate = np.stack([sums[n][0] / np.maximum(sums[n][2][:, None], 1e-12) for n in layer_names])
-    sel = np.stack([sums[n][1] for n in layer_names])
-    load_share = sel / np.maximum(sel.sum(-1, keepdims=True), 1e-12)
-    tokens = np.stack([sums[n][2] for n in layer_names])
-    return RoutingStats(
-        layers=layer_names, groups=groups, mean_gate=mean_gate, load_share=load_share, tokens=tokens,
-        prompts={g: per_group[g] for g in groups}, held_out={g: held[g] for g in groups},
-    )  # fmt: skip
+    return acc.stats()
 
 
 def select_layers(layer_names: Sequence[str], spec: Optional[Sequence[str] | str]) -> list[int]:
