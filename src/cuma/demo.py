@@ -82,7 +82,9 @@ class DemoConfig:
     router_learning_rate: Optional[float] = 6e-3
     conditioning: str = "fast"  # CuMA's router: "fast" (CUMA_FAST_OPTIONS) or "paper" (the paper's raw concat)
     curve_points: int = 2  # valid evaluations during training (the learning-curve figure); 0: none
-    eval_batch_size: int = 32
+    # 16, not 32: on this CPU a forward of 8-16 prompts costs less per prompt than one of 32 or 64 (the same
+    # scores; benchmarks/bench_eval_batch.py)
+    eval_batch_size: int = 16
 
     def quick_version(self) -> "DemoConfig":
         small = dict(participants=400, questions=4, countries=10, train_pairs=24, test_pairs=16, held_out_test_pairs=8,
