@@ -59,3 +59,4 @@ def test_demo_quick_writes_the_report(tmp_path):
     for method, router_lr in (("cuma", 6e-3), ("cuma-semantic", 6e-3), ("lora", None)):
         resolved = yaml.safe_load((work / "adapters" / method / "resolved_config.yaml").read_text())
         assert resolved["train"]["router_learning_rate"] == router_lr
+        assert resolved["train"]["split_by_length"] == 2  # every method alike

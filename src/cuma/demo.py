@@ -85,6 +85,9 @@ class DemoConfig:
     # 16, not 32: on this CPU a forward of 8-16 prompts costs less per prompt than one of 32 or 64 (the same
     # scores; benchmarks/bench_eval_batch.py)
     eval_batch_size: int = 16
+    # every training batch runs as 2 micro-batches of similar length, each padded only to its own longest row: the
+    # same rows and task-loss gradient per step, ~7% fewer tokens (train.split_by_length, benchmarks/bench_length_split.py)
+    split_by_length: int = 2
 
     def quick_version(self) -> "DemoConfig":
         small = dict(participants=400, questions=4, countries=10, train_pairs=24, test_pairs=16, held_out_test_pairs=8,
@@ -158,6 +161,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conditioning", choices=("fast", "paper"), default=None,
                         help="CuMA's router: 'fast' (balanced router inputs, profile-led initial routing, profile input "
                         "centred on the training profiles; the default) or 'paper' (the paper's raw concat(h_t, e_d))")
+    parser.add_argument("--split-by-length", type=int, default=None,
+                        help=f"run every training batch as this many micro-batches of similar length (default "
+                        f"{d.split_by_length}; 1: whole batches)")
     parser.add_argument("--train-pairs", type=int, default=None, help=f"default {d.train_pairs}")
     parser.add_argument("--test-pairs", type=int, default=None, help=f"seen-country test pairs (default {d.test_pairs})")
     parser.add_argument("--held-out-test-pairs", type=int, default=None,
@@ -170,8 +176,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(out=args.out, work=args.work, seed=args.seed)
     if args.quick:
         cfg = cfg.quick_version()
-    for name in ("steps", "batch_size", "learning_rate", "router_learning_rate", "train_pairs", "test_pairs",
-                 "held_out_test_pairs"):
+    for name in ("steps", "batch_size", "learning_rate", "router_learning_rate", "split_by_length", "train_pairs",
+                 "test_pairs", "held_out_test_pairs"):
         value = getattr(args, name)
         if value is not None:
             if value <= 0:
@@ -315,6 +321,13 @@ def _curve(cfg: DemoConfig, method: str, tokenizer, data, steps):
 CUMA_FAST_OPTIONS = {"router_input_norm": "balanced", "router_token_init_scale": 0.1, "router_profile_center": "train"}
 
 
+def has_routers(method: str) -> bool:
+    """Whether the method's layers route (the mixtures of experts: both CuMA variants, HydraLoRA, MixLoRA)."""
+    from . import methods
+
+    return methods.get_spec(method).family in ("cuma", "mixture")
+
+
 def _method_options(method: str, conditioning: str = "fast") -> dict:
     from . import methods
 
@@ -334,7 +347,6 @@ def _train(cfg: DemoConfig, method: str, prepared: Path, out: Path, options: Opt
            callbacks: Optional[list] = None) -> dict:
     """One SFT run with the demo's budget; ``options`` override the method options (investigations), ``callbacks``
     go to the trainer."""
-    from . import methods
     from .config import load_config
     from .train.config import SFTRunConfig
     from .train.sft import run_sft
@@ -346,10 +358,10 @@ def _train(cfg: DemoConfig, method: str, prepared: Path, out: Path, options: Opt
         "--train.learning_rate", str(cfg.method_learning_rates.get(method, cfg.learning_rate)),
         "--train.lr_scheduler_type", cfg.lr_scheduler, "--train.logging_steps", str(max(1, cfg.steps // 6)),
         "--train.save_strategy", "no", "--train.report_to", "none",
+        "--train.split_by_length", str(cfg.split_by_length),
     ])  # fmt: skip
     # the router lr split only where there are routers (LoRA's record then says plainly that it had none)
-    routed = methods.get_spec(method).family in ("cuma", "mixture")
-    run_cfg.train.router_learning_rate = cfg.router_learning_rate if routed else None
+    run_cfg.train.router_learning_rate = cfg.router_learning_rate if has_routers(method) else None
     run_cfg.method.options = {**_method_options(method, cfg.conditioning), **(options or {})}
     return run_sft(run_cfg, callbacks=callbacks)
 
@@ -398,8 +410,7 @@ def routing_map(stats, held: list[str]) -> dict:
     """The report's routing map from pooled gates (:class:`~cuma.evaluate.topology.RoutingStats`): every country's
     expert load in the projection whose load differs most between countries (the clearest view of a single
     router), the load averaged over projections, and the countries' routing similarity over all projections."""
-    per_layer = {c: {name: stats.mean_gate[l, k].tolist() for l, name in enumerate(stats.layers)}
-                 for k, c in enumerate(stats.groups)}
+    per_layer = per_layer_load(stats)
     countries, similarity = routing_similarity(per_layer)
     spread = {name: float(stats.mean_gate[l].std(0).mean()) for l, name in enumerate(stats.layers)}
     clearest = max(spread, key=spread.get)
@@ -424,9 +435,14 @@ def expert_load_by_country(model, tokenizer, records, profile_embeds, profile_in
     stats = collect_routing(model, tokenizer, records, group_field="country", profile_table=profile_embeds,
                             profile_in_prompt=profile_in_prompt, limit=per_country)
     if per_layer:
-        return {c: {name: stats.mean_gate[l, k].tolist() for l, name in enumerate(stats.layers)}
-                for k, c in enumerate(stats.groups)}
+        return per_layer_load(stats)
     return {c: stats.mean_gate[:, k].mean(0).tolist() for k, c in enumerate(stats.groups)}
+
+
+def per_layer_load(stats) -> dict:
+    """``{group: {projection: [N]}}``: each group's mean gate per expert in every routed projection."""
+    return {c: {name: stats.mean_gate[l, k].tolist() for l, name in enumerate(stats.layers)}
+            for k, c in enumerate(stats.groups)}
 
 
 def routing_similarity(per_layer_load: dict) -> tuple[list[str], list[list[float]]]:
@@ -516,7 +532,7 @@ def _write_report(cfg: DemoConfig, out: Path, summary: dict, results: dict, trut
         f"SmolLM2-135M-Instruct, MiniLM profile embeddings, {cfg.participants} synthetic participants in "
         f"{cfg.countries} real countries of {len(cfg.zones)} Inglehart-Welzel cultural zones, {cfg.questions} "
         f"questions, {cfg.modes} latent cultural modes (one per zone); {cfg.train_pairs} training pairs; each method "
-        f"trained for {cfg.steps} steps of batch {cfg.batch_size} at learning rate {_lr_text(cfg)} "
+        f"trained for {cfg.steps} steps of batch {cfg.batch_size}{_split_text(cfg)} at learning rate {_lr_text(cfg)} "
         f"({cfg.lr_scheduler} schedule{_router_lr_text(cfg)}) "
         f"(seed {cfg.seed}); {cuma_desc}. Test pairs come from participants never seen in training: {n['seen']} from "
         f"the countries seen in training, {n['held_out']} from countries held out of training entirely (zero-shot "
@@ -577,8 +593,14 @@ def _lr_text(cfg: DemoConfig) -> str:
     return ", ".join(f"{lr:g} ({METHOD_LABELS.get(m, m)})" for m, lr in lrs.items())
 
 
+def _split_text(cfg: DemoConfig) -> str:
+    if cfg.split_by_length <= 1:
+        return ""
+    return f" (each run as {cfg.split_by_length} micro-batches of similar length)"
+
+
 def _router_lr_text(cfg: DemoConfig) -> str:
-    if cfg.router_learning_rate is None or not any(m.startswith("cuma") for m in cfg.methods):
+    if cfg.router_learning_rate is None or not any(has_routers(m) for m in cfg.methods):
         return ""
     return f"; CuMA's routers at {cfg.router_learning_rate:g}"
 
@@ -588,7 +610,7 @@ def _command(cfg: DemoConfig) -> str:
     default = DemoConfig().quick_version() if cfg.quick else DemoConfig()
     parts = ["cuma demo"] + (["--quick"] if cfg.quick else [])
     for name in ("out", "work", "seed", "steps", "batch_size", "learning_rate", "lr_scheduler", "router_learning_rate",
-                 "conditioning",
+                 "conditioning", "split_by_length",
                  "train_pairs", "test_pairs", "held_out_test_pairs"):
         value = getattr(cfg, name)
         if value != getattr(default, name):

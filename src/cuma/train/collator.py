@@ -80,3 +80,35 @@ class ProfileCollator:
         if self.encoder is None:
             raise ValueError("the method routes on the profile but there is neither a profile table nor an encoder")
         return self.encoder.encode([e["profile_text"] for e in examples])
+
+
+def split_by_length(batch: dict, parts: int) -> list[dict]:
+    """A right-padded batch as up to ``parts`` micro-batches of similar length: rows sorted by length (stable), cut
+    into near-equal groups, each trimmed to its own longest row. Every tensor whose first dimension is the batch's is
+    split along it (``profile_embeds`` too); 2-D ones of the batch's width are trimmed. Together the micro-batches
+    hold exactly the batch's rows and tokens, with less padding: for a loss that sums over labelled tokens and
+    divides by the batch's count, their gradients add up to the whole batch's."""
+    if parts < 1:
+        raise ValueError(f"split_by_length: parts must be >= 1, got {parts}")
+    mask = batch.get("attention_mask")
+    if parts == 1 or mask is None or mask.dim() != 2 or mask.shape[0] < 2:
+        return [batch]
+    rows, width = mask.shape
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ValueError("split_by_length needs right padding (attention_mask 1s then 0s on every row)")
+    lengths = mask.sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    parts = min(parts, rows)
+    out = []
+    for k in range(parts):
+        idx = order[(k * rows) // parts : ((k + 1) * rows) // parts]
+        keep = max(1, int(lengths[idx].max()))
+        part = {}
+        for name, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+                value = value[idx.to(value.device)]
+                if value.dim() == 2 and value.shape[1] == width:
+                    value = value[:, :keep]
+            part[name] = value
+        out.append(part)
+    return out

@@ -58,6 +58,9 @@ class TrainSection:
     deepspeed: Optional[str] = None  # a DeepSpeed JSON config (launch with accelerate)
     dataloader_num_workers: int = 0
     disable_tqdm: bool = False
+    # > 1: each batch runs as this many micro-batches of similar length (rows sorted by length, each padded only to
+    # its own longest row) before the optimizer step: the same rows and task-loss gradient per step, less padding
+    split_by_length: int = 1
 
 
 @dataclass

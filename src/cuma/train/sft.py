@@ -21,7 +21,7 @@ from .. import methods
 from ..distributed import prepare_for_zero3
 from ..routing import clear_balance_loss, pop_balance_loss, record_gates
 from ..runinfo import environment_record
-from .collator import ProfileCollator, tokenize_example
+from .collator import ProfileCollator, split_by_length, tokenize_example
 from .config import SFTRunConfig
 from .run_record import data_record, save_run
 
@@ -73,11 +73,38 @@ def labelled_positions_only(device: torch.device):
 
 class ProfileSFTTrainer(SFTTrainer):
     """SFTTrainer that adds the routers' balance loss with the trainer's gradient-accumulation scaling and logs it
-    (and the expert-load entropy) separately. Works unchanged for methods without routers."""
+    (and the expert-load entropy) separately. Works unchanged for methods without routers.
 
-    def __init__(self, *args, router_learning_rate: Optional[float] = None, **kwargs):
+    ``split_by_length`` > 1 runs every batch as that many micro-batches of similar length (``split_by_length`` of
+    the collator module), each backpropagated at once: the task loss is normalised by the whole batch's labelled
+    tokens (``num_items_in_batch``), so the micro-batches' gradients add up to the batch's; the balance term is the
+    mean of the micro-batches' terms, as under gradient accumulation."""
+
+    def __init__(self, *args, router_learning_rate: Optional[float] = None, split_by_length: int = 1, **kwargs):
+        if not isinstance(split_by_length, int) or isinstance(split_by_length, bool) or split_by_length < 1:
+            raise ValueError(f"train.split_by_length must be an integer >= 1, got {split_by_length!r}")
         self.router_learning_rate = router_learning_rate
+        self.split_by_length = split_by_length
+        self._micro_batches = 1  # micro-batches of the batch being trained on (the balance term's share)
         super().__init__(*args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.split_by_length == 1:
+            return super().training_step(model, inputs, num_items_in_batch)
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ValueError("train.split_by_length > 1 cannot run under DeepSpeed (it counts one micro-step per "
+                             "backward); use gradient_accumulation_steps there")
+        if num_items_in_batch is None or not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
+            raise ValueError("train.split_by_length > 1 needs a loss normalised by the batch's labelled tokens "
+                             "(num_items_in_batch), which this model or trainer does not take; set it to 1")
+        pieces = split_by_length(inputs, self.split_by_length)
+        self._micro_batches = len(pieces)
+        try:
+            return sum(super(ProfileSFTTrainer, self).training_step(model, p, num_items_in_batch) for p in pieces)
+        finally:
+            self._micro_batches = 1
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -94,7 +121,7 @@ class ProfileSFTTrainer(SFTTrainer):
             # like TRL's MoE aux loss: a per-micro-batch mean; with num_items_in_batch the Trainer leaves gradient
             # accumulation to the loss, so average it over the accumulation steps here
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            loss = loss + balance.to(loss.device) / steps
+            loss = loss + balance.to(loss.device) / (steps * self._micro_batches)
             self._metrics[mode]["balance_loss"].append(float(balance.detach()))
         if rec is not None and rec.gates:
             entropy = expert_load_entropy(rec)
@@ -290,6 +317,7 @@ def run_sft(cfg: SFTRunConfig, callbacks: Optional[list] = None) -> dict[str, An
         data_collator=collator,
         callbacks=callbacks,
         router_learning_rate=cfg.train.router_learning_rate,
+        split_by_length=cfg.train.split_by_length,
     )
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=_resume_arg(cfg.train.resume_from_checkpoint))
