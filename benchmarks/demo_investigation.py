@@ -105,6 +105,13 @@ VARIANTS = {
     "lin_lr1e-3_split2": {"cfg": {**_lin(1e-3), "split_by_length": 2}},
     "lin_fastc_rlr6e-3_lr2e-3_split2": {"cfg": {**_lin(2e-3), "router_learning_rate": 6e-3, "split_by_length": 2},
                                         "options": _FASTC},
+    # sixth round: the routers read the centred profile on the training profiles' 32 leading principal directions
+    # (router_profile_subspace; 99.8% of the training profiles' variance, about half of a held-out profile's norm
+    # lies outside them)
+    "lin_fastc_rlr6e-3_sub32_lr2e-3": {"cfg": {**_lin(2e-3), "router_learning_rate": 6e-3},
+                                       "options": {**_FASTC, "router_profile_subspace": 32}},
+    "lin_fastc_rlr6e-3_sub16_lr2e-3": {"cfg": {**_lin(2e-3), "router_learning_rate": 6e-3},
+                                       "options": {**_FASTC, "router_profile_subspace": 16}},
     "b16": {"cfg": {"batch_size": 16}},
     "b16_balanced_pinit": {"cfg": {"batch_size": 16}, "options": _FAST},
 }

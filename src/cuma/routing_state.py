@@ -59,16 +59,23 @@ class RoutingScope:
     def __init__(self, kind: str, profile_proj: Optional[nn.ModuleDict] = None) -> None:
         self.kind = kind
         self.profile_proj = profile_proj  # owned (and registered) by the tuner, referenced here
-        # (adapter, device, dtype) -> (the config's profile_center list, that list as a tensor): converted once,
-        # not in every routed layer of every forward; a refit (a new list) converts again
+        # (kind, adapter, device, dtype) -> (the config's fitted list: profile_center or profile_basis, that list as a
+        # tensor): converted once, not in every routed layer of every forward; a refit (a new list) converts again
         self._centers: dict = {}
 
     def profile_center(self, adapter_name: str, center: list, like: torch.Tensor) -> torch.Tensor:
         """``center`` (an adapter config's fitted ``profile_center``) as a tensor on ``like``'s device and dtype."""
-        key = (adapter_name, like.device, like.dtype)
+        return self._fitted("center", adapter_name, center, like)
+
+    def profile_basis(self, adapter_name: str, basis: list, like: torch.Tensor) -> torch.Tensor:
+        """``basis`` (an adapter config's fitted ``profile_basis``, k rows) as a (k, dim) tensor like ``like``."""
+        return self._fitted("basis", adapter_name, basis, like)
+
+    def _fitted(self, kind: str, adapter_name: str, values: list, like: torch.Tensor) -> torch.Tensor:
+        key = (kind, adapter_name, like.device, like.dtype)
         hit = self._centers.get(key)
-        if hit is None or hit[0] is not center:
-            hit = self._centers[key] = (center, torch.as_tensor(center, dtype=like.dtype, device=like.device))
+        if hit is None or hit[0] is not values:
+            hit = self._centers[key] = (values, torch.as_tensor(values, dtype=like.dtype, device=like.device))
         return hit[1]
 
     def current(self) -> Optional["RoutingCall"]:

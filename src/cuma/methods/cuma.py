@@ -45,6 +45,9 @@ def _cuma_options(drop: Sequence[str] = (), **defaults) -> dict[str, Option]:
         "router_profile_center": Option("str", "none", "'train': routers read the profile embedding minus the "
                                         "training profiles' mean (fitted by the training recipe, stored in the "
                                         "adapter config); 'none': the paper", choices=("none", "train")),
+        "router_profile_subspace": Option("int", 0, "k > 0 (with router_profile_center='train'): routers read the "
+                                          "centred profile projected onto the training profiles' k leading principal "
+                                          "directions (fitted with the centre); 0: the whole embedding (the paper)"),
         "shared_A": Option("bool", False, "one A shared by all experts (paper: one A per expert)"),
         "share_router_qkv": Option("bool", False, "one router per attention block for q/k/v"),
         "share_router_gate_up": Option("bool", False, "one router per MLP block for gate/up"),
@@ -96,7 +99,7 @@ register(
         summary="CuMA ablation: router sees only h_t (profile_dim=0)",
         paper=CUMA_PAPER + ", ablation",
         options=_cuma_options(drop=("profile_dim", "profile_proj_layers", "profile_proj_dim", "router_profile_gain",
-                                    "router_profile_center")),
+                                    "router_profile_center", "router_profile_subspace")),
         builder=_build_cuma({"profile_dim": 0}),
         save_format="adapter",
         peft_type="CUMA",
@@ -127,7 +130,7 @@ register(
         summary="CuMA ablation: no profile in the router and no balance loss",
         paper=CUMA_PAPER + ", ablation",
         options=_cuma_options(drop=("profile_dim", "profile_proj_layers", "profile_proj_dim", "balance_loss_coef",
-                                    "router_profile_gain", "router_profile_center")),
+                                    "router_profile_gain", "router_profile_center", "router_profile_subspace")),
         builder=_build_cuma({"profile_dim": 0, "balance_loss_coef": 0.0}),
         save_format="adapter",
         peft_type="CUMA",

@@ -314,15 +314,17 @@ def train_args_common(t, built, cls, **extra) -> Any:
 
 
 def fit_profile_centers(model, records: Sequence[dict], table, encoder) -> list[str]:
-    """Fit ``profile_center`` (the mean training profile embedding) of every CuMA adapter of ``model`` that centres
-    its router's profile input (``router_profile_center='train'``) and has none yet (an adapter loaded from an SFT run
+    """Fit ``profile_center`` (the mean training profile embedding; ``profile_basis`` too where
+    ``router_profile_subspace`` > 0) of every CuMA adapter of ``model`` that centres its router's profile input
+    (``router_profile_center='train'``) and has none yet (an adapter loaded from an SFT run
     keeps the SFT run's). Each distinct training profile counts once. Returns the adapters it set."""
     from ..tuners.cuma import CuMAConfig
     from ..tuners.cuma.model import fit_profile_center
 
     configs = getattr(model, "peft_config", None)
     wanted = [n for n, c in (configs or {}).items()
-              if isinstance(c, CuMAConfig) and c.router_profile_center == "train" and c.profile_center is None]
+              if isinstance(c, CuMAConfig) and c.router_profile_center == "train"
+              and (c.profile_center is None or (c.router_profile_subspace > 0 and c.profile_basis is None))]
     if not wanted or not records:
         return []
     if table is not None:

@@ -125,6 +125,15 @@ class CuMALayer(BaseTunerLayer):
                     "before the first forward (cuma train sft / dpo / grpo do it)"
                 )
             e = e - self._routing_scope.profile_center(adapter_name, config.profile_center, e)
+            if config.router_profile_subspace > 0:
+                if config.profile_basis is None:
+                    raise ValueError(
+                        f"CuMA adapter '{adapter_name}' has router_profile_subspace={config.router_profile_subspace} "
+                        "but no fitted profile_basis: call cuma.fit_profile_center(model, profile_embeds) with the "
+                        "training profiles' embeddings before the first forward (cuma train sft / dpo / grpo do it)"
+                    )
+                basis = self._routing_scope.profile_basis(adapter_name, config.profile_basis, e)
+                e = (e @ basis.T) @ basis  # the part of the centred profile on the training profiles' directions
         projections = self._routing_scope.profile_proj
         proj = projections[adapter_name] if projections is not None and adapter_name in projections else None
         if proj is not None:

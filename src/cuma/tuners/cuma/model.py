@@ -32,14 +32,17 @@ def build_profile_projection(config: CuMAConfig) -> Optional[nn.Module]:
 def fit_profile_center(model: nn.Module, profile_embeds: torch.Tensor, adapter_name: Optional[str] = None) -> list[str]:
     """Store the mean of ``profile_embeds`` (the training profiles' embeddings, one row per profile) as the
     ``profile_center`` of every CuMA adapter of ``model`` with ``router_profile_center='train'`` (or only
-    ``adapter_name``). It lives in the adapter config, so ``save_pretrained`` writes it to adapter_config.json and a
-    loaded adapter centres new profiles the same way. Returns the adapters it set."""
+    ``adapter_name``), and, where ``router_profile_subspace`` is k > 0, the k leading principal directions of the
+    centred rows as its ``profile_basis`` (fewer where the rows span fewer). Both live in the adapter config, so
+    ``save_pretrained`` writes them to adapter_config.json and a loaded adapter reads new profiles the same way.
+    Returns the adapters it set."""
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict):
         raise ValueError("fit_profile_center needs a PeftModel with a CuMA adapter (got a model without peft_config)")
     if profile_embeds.ndim != 2 or profile_embeds.shape[0] == 0:
         raise ValueError(f"profile_embeds must be a non-empty (profiles, dim) tensor, got shape {tuple(profile_embeds.shape)}")
-    mean = profile_embeds.detach().float().mean(0)
+    rows = profile_embeds.detach().float()
+    mean = rows.mean(0)
     if not torch.isfinite(mean).all():
         raise ValueError("profile_embeds contain NaN or infinite values: cannot fit profile_center")
     done = []
@@ -54,10 +57,26 @@ def fit_profile_center(model: nn.Module, profile_embeds: torch.Tensor, adapter_n
                 f"{config.profile_dim}"
             )
         config.profile_center = mean.tolist()
+        if config.router_profile_subspace > 0:
+            config.profile_basis = profile_subspace(rows.double() - rows.double().mean(0), config.router_profile_subspace)
         done.append(name)
     if adapter_name is not None and not done:
         raise ValueError(f"adapter '{adapter_name}' is not a CuMA adapter with router_profile_center='train'")
     return done
+
+
+def profile_subspace(centred: torch.Tensor, k: int) -> list[list[float]]:
+    """The k leading right singular vectors of the centred training profiles (rows of an orthonormal basis), without
+    the directions they do not span (singular value below 1e-6 of the largest): a single profile gives none."""
+    _, s, vh = torch.linalg.svd(centred.double(), full_matrices=False)
+    keep = int((s > 1e-6 * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+    keep = min(k, keep)
+    if keep == 0:
+        raise ValueError(
+            "router_profile_subspace: the training profiles' embeddings span no direction around their mean (one "
+            "distinct profile?): there is no subspace to fit"
+        )
+    return vh[:keep].float().tolist()
 
 
 class CuMAModel(RoutedTuner):
