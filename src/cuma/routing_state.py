@@ -61,7 +61,7 @@ class RoutingScope:
         self.profile_proj = profile_proj  # owned (and registered) by the tuner, referenced here
         # (kind, adapter, device, dtype) -> (the config's fitted list: profile_center or profile_basis, that list as a
         # tensor): converted once, not in every routed layer of every forward; a refit (a new list) converts again
-        self._centers: dict = {}
+        self._fitted_tensors: dict = {}
 
     def profile_center(self, adapter_name: str, center: list, like: torch.Tensor) -> torch.Tensor:
         """``center`` (an adapter config's fitted ``profile_center``) as a tensor on ``like``'s device and dtype."""
@@ -73,9 +73,9 @@ class RoutingScope:
 
     def _fitted(self, kind: str, adapter_name: str, values: list, like: torch.Tensor) -> torch.Tensor:
         key = (kind, adapter_name, like.device, like.dtype)
-        hit = self._centers.get(key)
+        hit = self._fitted_tensors.get(key)
         if hit is None or hit[0] is not values:
-            hit = self._centers[key] = (values, torch.as_tensor(values, dtype=like.dtype, device=like.device))
+            hit = self._fitted_tensors[key] = (values, torch.as_tensor(values, dtype=like.dtype, device=like.device))
         return hit[1]
 
     def current(self) -> Optional["RoutingCall"]:

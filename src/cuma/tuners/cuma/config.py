@@ -223,7 +223,7 @@ class CuMAConfig(PeftConfig):
             basis = self.profile_basis
             need(
                 isinstance(basis, (list, tuple))
-                and 0 < len(basis) <= max(self.router_profile_subspace, 0)
+                and 0 < len(basis) <= self.router_profile_subspace
                 and all(
                     isinstance(row, (list, tuple))
                     and len(row) == self.profile_dim

@@ -46,6 +46,7 @@ def fit_profile_center(model: nn.Module, profile_embeds: torch.Tensor, adapter_n
     if not torch.isfinite(mean).all():
         raise ValueError("profile_embeds contain NaN or infinite values: cannot fit profile_center")
     done = []
+    directions = None  # the centred rows' principal directions, computed once for every adapter that reads them
     for name, config in configs.items():
         if adapter_name is not None and name != adapter_name:
             continue
@@ -58,19 +59,22 @@ def fit_profile_center(model: nn.Module, profile_embeds: torch.Tensor, adapter_n
             )
         config.profile_center = mean.tolist()
         if config.router_profile_subspace > 0:
-            config.profile_basis = profile_subspace(rows.double() - rows.double().mean(0), config.router_profile_subspace)
+            if directions is None:
+                directions = profile_subspace(rows.double() - rows.double().mean(0))
+            config.profile_basis = directions[: config.router_profile_subspace]
         done.append(name)
     if adapter_name is not None and not done:
         raise ValueError(f"adapter '{adapter_name}' is not a CuMA adapter with router_profile_center='train'")
     return done
 
 
-def profile_subspace(centred: torch.Tensor, k: int) -> list[list[float]]:
-    """The k leading right singular vectors of the centred training profiles (rows of an orthonormal basis), without
-    the directions they do not span (singular value below 1e-6 of the largest): a single profile gives none."""
+def profile_subspace(centred: torch.Tensor, k: Optional[int] = None) -> list[list[float]]:
+    """The k (default: all) leading right singular vectors of the centred training profiles (rows of an orthonormal
+    basis), without the directions they do not span (singular value below 1e-6 of the largest): a single profile
+    gives none."""
     _, s, vh = torch.linalg.svd(centred.double(), full_matrices=False)
     keep = int((s > 1e-6 * s[0]).sum()) if s.numel() and s[0] > 0 else 0
-    keep = min(k, keep)
+    keep = keep if k is None else min(k, keep)
     if keep == 0:
         raise ValueError(
             "router_profile_subspace: the training profiles' embeddings span no direction around their mean (one "
