@@ -48,6 +48,7 @@ def _lin(lr: float) -> dict:
 _FAST = {"router_input_norm": "balanced", "router_token_init_scale": 0.1}
 _FASTC = {**_FAST, "router_profile_center": "train"}
 _TOP15 = list(range(15, 30))
+_BF16 = {"dtype": "bfloat16", "attn_implementation": "eager", "split_by_length": 2}
 
 # variant -> DemoConfig overrides ("cfg") and method option overrides ("options"; an option a method does not have
 # does not apply to it and is dropped for that method, e.g. the routing options for LoRA)
@@ -112,6 +113,12 @@ VARIANTS = {
                                        "options": {**_FASTC, "router_profile_subspace": 32}},
     "lin_fastc_rlr6e-3_sub16_lr2e-3": {"cfg": {**_lin(2e-3), "router_learning_rate": 6e-3},
                                        "options": {**_FASTC, "router_profile_subspace": 16}},
+    # seventh round: the frozen base in bf16 with eager attention, for every method alike (about 0.55x the step
+    # time on this CPU, benchmarks/bench_demo_dtype.py), to buy more steps within the budget
+    "bf16_lin_lr1e-3": {"cfg": {**_lin(1e-3), **_BF16}},
+    "bf16_lin_lr5e-4": {"cfg": {**_lin(5e-4), **_BF16}},
+    "bf16_lin_fastc_rlr6e-3_lr2e-3": {"cfg": {**_lin(2e-3), "router_learning_rate": 6e-3, **_BF16}, "options": _FASTC},
+    "bf16_lin_paper_rlr6e-3_lr2e-3": {"cfg": {**_lin(2e-3), "router_learning_rate": 6e-3, **_BF16}},  # paper router
     "b16": {"cfg": {"batch_size": 16}},
     "b16_balanced_pinit": {"cfg": {"batch_size": 16}, "options": _FAST},
 }
@@ -253,7 +260,8 @@ def main() -> None:
     base_cfg = demo.DemoConfig(work=args.work, seed=args.data_seed, valid_pairs=args.valid_pairs,
                                held_out_valid_pairs=args.held_out_valid_pairs, conditioning="paper",
                                mode_layout=args.mode_layout, learning_rate=5e-4, lr_scheduler="constant",
-                               method_learning_rates={}, router_learning_rate=None, split_by_length=1)
+                               method_learning_rates={}, router_learning_rate=None, split_by_length=1,
+                               dtype="float32", attn_implementation=None)
     for name in ("country_strength", "answer_width", "answer_noise"):
         if getattr(args, name) is not None:
             setattr(base_cfg, name, getattr(args, name))

@@ -56,7 +56,18 @@ def test_demo_quick_writes_the_report(tmp_path):
     # the routers' learning-rate split reached both CuMA runs (and no router-less method)
     import yaml
 
+    from cuma.demo import DemoConfig
+    from cuma.models import resolve_dtype_name
+
+    demo_default = DemoConfig()
+
     for method, router_lr in (("cuma", 6e-3), ("cuma-semantic", 6e-3), ("lora", None)):
         resolved = yaml.safe_load((work / "adapters" / method / "resolved_config.yaml").read_text())
         assert resolved["train"]["router_learning_rate"] == router_lr
         assert resolved["train"]["split_by_length"] == 2  # every method alike
+        # the frozen base in the demo's precision and attention, every method alike
+        assert resolved["model"]["dtype"] == results["config"]["dtype"] == resolve_dtype_name(demo_default.dtype)
+        assert resolved["model"]["attn_implementation"] == demo_default.attn_implementation
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(work / "adapters" / "cuma" / "adapter_model.safetensors").values()} == {torch.float32}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -90,6 +90,11 @@ class DemoConfig:
     # every training batch runs as 2 micro-batches of similar length, each padded only to its own longest row: the
     # same rows and task-loss gradient per step, ~7% fewer tokens (train.split_by_length, benchmarks/bench_length_split.py)
     split_by_length: int = 2
+    # the frozen base's precision, for every method alike (trainable adapter weights stay fp32). "auto" is bfloat16
+    # where the CPU / GPU multiplies bf16 natively (cuma.models.native_bf16), with eager attention about 0.66x the
+    # step time here (benchmarks/bench_demo_dtype.py); not yet the default: the test runs of that setting are pending
+    dtype: str = "float32"
+    attn_implementation: Optional[str] = None
 
     def quick_version(self) -> "DemoConfig":
         small = dict(participants=400, questions=4, countries=10, train_pairs=24, test_pairs=16, held_out_test_pairs=8,
@@ -166,6 +171,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-by-length", type=int, default=None,
                         help=f"run every training batch as this many micro-batches of similar length (default "
                         f"{d.split_by_length}; 1: whole batches)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
+                        help="the frozen base's precision for every method (default auto: bfloat16 where the CPU / GPU "
+                        "has native bf16, else float32; adapter weights stay float32)")
     parser.add_argument("--train-pairs", type=int, default=None, help=f"default {d.train_pairs}")
     parser.add_argument("--test-pairs", type=int, default=None, help=f"seen-country test pairs (default {d.test_pairs})")
     parser.add_argument("--held-out-test-pairs", type=int, default=None,
@@ -187,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
             setattr(cfg, name, value)
     if args.conditioning is not None:
         cfg.conditioning = args.conditioning
+    if args.dtype is not None:
+        cfg.dtype = args.dtype
     if args.learning_rate is not None and args.method_learning_rate is None:
         cfg.method_learning_rates = {}  # one learning rate for every method
     for item in args.method_learning_rate or ():
@@ -223,8 +233,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from .data.records import load_prepared
     from .data.synthetic import oracle_metrics
     from .evaluate.topology import RoutingAccumulator
-    from .models import load_base_and_tokenizer
 
+    from .models import resolve_dtype_name
+
+    # the resolved precision is what the report and results.json record
+    cfg = replace(cfg, dtype=resolve_dtype_name(cfg.dtype, _device(), option="--dtype"))
     work, out = Path(cfg.work), Path(cfg.out)
     progress = _Progress(total=4 + 2 * len(cfg.methods))
     torch.manual_seed(cfg.seed)
@@ -237,7 +250,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     seen_test = [r for r in data.test if not r["held_out"]]
     held_test = [r for r in data.test if r["held_out"]]
     oracle = {"seen": oracle_metrics(seen_test, truth), "held_out": oracle_metrics(held_test, truth) if held_test else None}
-    base, tokenizer = load_base_and_tokenizer("smollm2-135m")
+    base, tokenizer = _load_base(cfg)
 
     # 2. training, the same budget for every method; valid pairs scored along the way (learning curves)
     steps = curve_steps(cfg.steps, cfg.curve_points)
@@ -258,7 +271,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     routing = None
     for method in cfg.methods:
         progress(f"evaluating {METHOD_LABELS.get(method, method)}")
-        base, _ = load_base_and_tokenizer("smollm2-135m")
+        base, _ = _load_base(cfg)
         # CuMA's routing map is pooled from the gates of its test evaluation (no forward of its own)
         loads = RoutingAccumulator(data.test) if method == "cuma" else None
         results[method] = _evaluate(cfg, method, work / "adapters" / method, base, tokenizer, data,
@@ -295,6 +308,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     progress("done")
     print(f"\n{(out / 'report.md').read_text()}")
     return summary
+
+
+def _load_base(cfg: DemoConfig):
+    """The demo's frozen base and tokenizer, in the demo's precision and attention (``cfg.dtype`` resolved)."""
+    from .models import load_base_and_tokenizer, resolve_dtype_name
+
+    extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    return load_base_and_tokenizer("smollm2-135m", dtype=resolve_dtype_name(cfg.dtype, _device()), **extra)
 
 
 def curve_steps(steps: int, points: int) -> list[int]:
@@ -350,11 +371,13 @@ def _train(cfg: DemoConfig, method: str, prepared: Path, out: Path, options: Opt
     """One SFT run with the demo's budget; ``options`` override the method options (investigations), ``callbacks``
     go to the trainer."""
     from .config import load_config
+    from .models import resolve_dtype_name
     from .train.config import SFTRunConfig
     from .train.sft import run_sft
 
     run_cfg = load_config(SFTRunConfig, None, [
-        "--model.name_or_path", "smollm2-135m", "--data.path", str(prepared), "--method.name", method,
+        "--model.name_or_path", "smollm2-135m", "--model.dtype", resolve_dtype_name(cfg.dtype, _device()),
+        "--data.path", str(prepared), "--method.name", method,
         "--train.output_dir", str(out), "--train.seed", str(cfg.seed), "--train.max_steps", str(cfg.steps),
         "--train.per_device_train_batch_size", str(cfg.batch_size),
         "--train.learning_rate", str(cfg.method_learning_rates.get(method, cfg.learning_rate)),
@@ -364,6 +387,7 @@ def _train(cfg: DemoConfig, method: str, prepared: Path, out: Path, options: Opt
     ])  # fmt: skip
     # the router lr split only where there are routers (LoRA's record then says plainly that it had none)
     run_cfg.train.router_learning_rate = cfg.router_learning_rate if has_routers(method) else None
+    run_cfg.model.attn_implementation = cfg.attn_implementation
     run_cfg.method.options = {**_method_options(method, cfg.conditioning), **(options or {})}
     return run_sft(run_cfg, callbacks=callbacks)
 
@@ -536,7 +560,7 @@ def _write_report(cfg: DemoConfig, out: Path, summary: dict, results: dict, trut
         f"questions, {cfg.modes} latent cultural modes (one per zone); {cfg.train_pairs} training pairs; each method "
         f"trained for {cfg.steps} steps of batch {cfg.batch_size}{_split_text(cfg)} at learning rate {_lr_text(cfg)} "
         f"({cfg.lr_scheduler} schedule{_router_lr_text(cfg)}) "
-        f"(seed {cfg.seed}); {cuma_desc}. Test pairs come from participants never seen in training: {n['seen']} from "
+        f"(seed {cfg.seed}), the frozen base in {cfg.dtype} (adapters in float32); {cuma_desc}. Test pairs come from participants never seen in training: {n['seen']} from "
         f"the countries seen in training, {n['held_out']} from countries held out of training entirely (zero-shot "
         f"column): {held}." + (" **Quick smoke run: numbers are noise.**" if cfg.quick else ""),
         "",
@@ -612,10 +636,14 @@ def _command(cfg: DemoConfig) -> str:
     default = DemoConfig().quick_version() if cfg.quick else DemoConfig()
     parts = ["cuma demo"] + (["--quick"] if cfg.quick else [])
     for name in ("out", "work", "seed", "steps", "batch_size", "learning_rate", "lr_scheduler", "router_learning_rate",
-                 "conditioning", "split_by_length",
+                 "conditioning", "split_by_length", "dtype",
                  "train_pairs", "test_pairs", "held_out_test_pairs"):
-        value = getattr(cfg, name)
-        if value != getattr(default, name):
+        value, default_value = getattr(cfg, name), getattr(default, name)
+        if name == "dtype":  # "auto" resolves on this machine; name it only where the run's precision differs
+            from .models import resolve_dtype_name
+
+            value, default_value = resolve_dtype_name(value, _device()), resolve_dtype_name(default_value, _device())
+        if value != default_value:
             parts.append(f"--{name.replace('_', '-')} {value}")
     if cfg.method_learning_rates != default.method_learning_rates:
         parts += [f"--method-learning-rate {m}={lr:g}" for m, lr in cfg.method_learning_rates.items()]

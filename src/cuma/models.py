@@ -201,6 +201,31 @@ def _as_dtype(dtype: Any) -> Any:
 # ---------------------------------------------------------------------- GGUF conversion and cache
 
 
+def native_bf16(device: Any = None) -> bool:
+    """Whether ``device`` (default: the CPU) multiplies bfloat16 matrices natively: a CUDA device with bf16 support,
+    or a CPU whose oneDNN has bf16 instructions (AVX512-BF16 / AMX). Elsewhere bf16 is emulated and slower than fp32."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(torch.backends.mkldnn.is_available() and check is not None and check())
+    except RuntimeError:  # pragma: no cover - a build without the op
+        return False
+
+
+def resolve_dtype_name(name: str, device: Any = None, option: str = "dtype") -> str:
+    """``"auto"`` -> ``"bfloat16"`` where ``device`` has native bf16 (:func:`native_bf16`), else ``"float32"``; the
+    names ``float32`` / ``bfloat16`` / ``float16`` pass through; anything else is refused naming ``option``."""
+    if name == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"{option}: expected 'auto', 'float32', 'bfloat16' or 'float16', got {name!r}")
+    return name
+
+
 def _load_gguf_model(gguf: Path):
     """The model as transformers loads a GGUF file: dequantised to fp32 but flagged as quantised (not savable)."""
     from transformers import AutoModelForCausalLM

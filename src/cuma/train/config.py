@@ -9,7 +9,22 @@ from typing import Any, Optional
 @dataclass
 class ModelSection:
     name_or_path: str = "smollm2-135m"  # hub id, local folder, or the embedded default
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (the frozen base's; trainable adapter weights stay fp32)
+    # None: transformers' default (sdpa); "eager" is faster for the demo's short prompts on the CPU, above all in bf16
+    attn_implementation: Optional[str] = None
+
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def attention_kwargs(model: ModelSection) -> dict[str, Any]:
+    """``from_pretrained`` keyword for ``model.attn_implementation`` (none for transformers' default)."""
+    if model.attn_implementation is None:
+        return {}
+    if model.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"model.attn_implementation: expected one of {list(ATTN_IMPLEMENTATIONS)} or null, "
+                         f"got {model.attn_implementation!r}")
+    return {"attn_implementation": model.attn_implementation}
 
 
 @dataclass

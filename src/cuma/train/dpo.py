@@ -27,7 +27,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from .. import methods
 from ..runinfo import environment_record
-from .config import DPORunConfig
+from .config import DPORunConfig, attention_kwargs
 from .preference import (
     REFERENCE_ADAPTER,
     BalanceLossMixin,
@@ -102,7 +102,8 @@ def _build_policy(cfg, data):
 
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype: expected one of {sorted(DTYPES)}, got {cfg.model.dtype!r}")
-    base, tokenizer = load_base_and_tokenizer(cfg.model.name_or_path, dtype=DTYPES[cfg.model.dtype])
+    base, tokenizer = load_base_and_tokenizer(cfg.model.name_or_path, dtype=DTYPES[cfg.model.dtype],
+                                              **attention_kwargs(cfg.model))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.init.sft_path:

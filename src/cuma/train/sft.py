@@ -22,7 +22,7 @@ from ..distributed import prepare_for_zero3
 from ..routing import clear_balance_loss, pop_balance_loss, record_gates
 from ..runinfo import environment_record
 from .collator import ProfileCollator, split_by_length, tokenize_example
-from .config import SFTRunConfig
+from .config import SFTRunConfig, attention_kwargs
 from .run_record import data_record, save_run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -265,7 +265,8 @@ def run_sft(cfg: SFTRunConfig, callbacks: Optional[list] = None) -> dict[str, An
     # base model -> method
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype: expected one of {sorted(DTYPES)}, got {cfg.model.dtype!r}")
-    base, tokenizer = load_base_and_tokenizer(cfg.model.name_or_path, dtype=DTYPES[cfg.model.dtype])
+    base, tokenizer = load_base_and_tokenizer(cfg.model.name_or_path, dtype=DTYPES[cfg.model.dtype],
+                                              **attention_kwargs(cfg.model))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     options = dict(cfg.method.options)
