@@ -113,7 +113,7 @@ VARIANTS = {
                                        "options": {**_FASTC, "router_profile_subspace": 32}},
     "lin_fastc_rlr6e-3_sub16_lr2e-3": {"cfg": {**_lin(2e-3), "router_learning_rate": 6e-3},
                                        "options": {**_FASTC, "router_profile_subspace": 16}},
-    # seventh round: the frozen base in bf16 with eager attention, for every method alike (about 0.55x the step
+    # seventh round: the frozen base in bf16 with eager attention, for every method alike (about 0.66x the step
     # time on this CPU, benchmarks/bench_demo_dtype.py), to buy more steps within the budget
     "bf16_lin_lr1e-3": {"cfg": {**_lin(1e-3), **_BF16}},
     "bf16_lin_lr5e-4": {"cfg": {**_lin(5e-4), **_BF16}},

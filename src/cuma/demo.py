@@ -172,8 +172,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"run every training batch as this many micro-batches of similar length (default "
                         f"{d.split_by_length}; 1: whole batches)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
-                        help="the frozen base's precision for every method (default auto: bfloat16 where the CPU / GPU "
-                        "has native bf16, else float32; adapter weights stay float32)")
+                        help=f"the frozen base's precision for every method (default {d.dtype}; auto: bfloat16 where "
+                        "the CPU / GPU has native bf16, else float32; adapter weights stay float32)")
     parser.add_argument("--train-pairs", type=int, default=None, help=f"default {d.train_pairs}")
     parser.add_argument("--test-pairs", type=int, default=None, help=f"seen-country test pairs (default {d.test_pairs})")
     parser.add_argument("--held-out-test-pairs", type=int, default=None,
@@ -233,7 +233,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from .data.records import load_prepared
     from .data.synthetic import oracle_metrics
     from .evaluate.topology import RoutingAccumulator
-
     from .models import resolve_dtype_name
 
     # the resolved precision is what the report and results.json record
@@ -560,7 +559,8 @@ def _write_report(cfg: DemoConfig, out: Path, summary: dict, results: dict, trut
         f"questions, {cfg.modes} latent cultural modes (one per zone); {cfg.train_pairs} training pairs; each method "
         f"trained for {cfg.steps} steps of batch {cfg.batch_size}{_split_text(cfg)} at learning rate {_lr_text(cfg)} "
         f"({cfg.lr_scheduler} schedule{_router_lr_text(cfg)}) "
-        f"(seed {cfg.seed}), the frozen base in {cfg.dtype} (adapters in float32); {cuma_desc}. Test pairs come from participants never seen in training: {n['seen']} from "
+        f"(seed {cfg.seed}), the frozen base in {cfg.dtype} (adapters in float32); {cuma_desc}. Test pairs come "
+        f"from participants never seen in training: {n['seen']} from "
         f"the countries seen in training, {n['held_out']} from countries held out of training entirely (zero-shot "
         f"column): {held}." + (" **Quick smoke run: numbers are noise.**" if cfg.quick else ""),
         "",

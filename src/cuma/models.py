@@ -216,13 +216,18 @@ def native_bf16(device: Any = None) -> bool:
         return False
 
 
+# the dtype names a config may give for a base model
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def resolve_dtype_name(name: str, device: Any = None, option: str = "dtype") -> str:
     """``"auto"`` -> ``"bfloat16"`` where ``device`` has native bf16 (:func:`native_bf16`), else ``"float32"``; the
-    names ``float32`` / ``bfloat16`` / ``float16`` pass through; anything else is refused naming ``option``."""
+    names of :data:`DTYPES` pass through; anything else is refused naming ``option``."""
     if name == "auto":
         return "bfloat16" if native_bf16(device) else "float32"
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"{option}: expected 'auto', 'float32', 'bfloat16' or 'float16', got {name!r}")
+    if name not in DTYPES:
+        *head, last = ["auto", *DTYPES]
+        raise ValueError(f"{option}: expected {', '.join(map(repr, head))} or {last!r}, got {name!r}")
     return name
 
 

@@ -26,6 +26,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from .. import methods
+from ..models import DTYPES
 from ..runinfo import environment_record
 from .config import DPORunConfig, attention_kwargs
 from .preference import (
@@ -41,7 +42,6 @@ from .preference import (
 )
 from .run_record import data_record, save_run
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pair_row(record: dict, profile_in_prompt: bool) -> dict:

@@ -19,13 +19,13 @@ from trl import SFTConfig, SFTTrainer
 
 from .. import methods
 from ..distributed import prepare_for_zero3
+from ..models import DTYPES
 from ..routing import clear_balance_loss, pop_balance_loss, record_gates
 from ..runinfo import environment_record
 from .collator import ProfileCollator, split_by_length, tokenize_example
 from .config import SFTRunConfig, attention_kwargs
 from .run_record import data_record, save_run
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def expert_load_entropy(record) -> Optional[float]:
