@@ -1,6 +1,8 @@
 """The frozen base's precision and attention: `dtype="auto"` resolution, `model.attn_implementation`, an SFT run on a
 bf16 base (adapters stay fp32 and learn), and how the demo records and names its precision."""
 
+import warnings
+
 import pytest
 import torch
 from test_sft import config
@@ -82,3 +84,27 @@ def test_demo_cli_takes_the_dtype(monkeypatch):
     assert captured["cfg"].dtype == "float32"
     with pytest.raises(SystemExit):
         parser.parse_args(["--dtype", "half"])
+
+
+def test_emulated_bf16_is_named_and_the_demo_warns_before_any_work(monkeypatch):
+    monkeypatch.setattr(models, "native_bf16", lambda device=None: False)
+    assert models.emulated_bf16_note("float32") is None
+    assert "no native bf16" in models.emulated_bf16_note("bfloat16", "cpu")
+    monkeypatch.setattr(models, "native_bf16", lambda device=None: True)
+    assert models.emulated_bf16_note("bfloat16", "cpu") is None
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(models, "native_bf16", lambda device=None: False)
+    monkeypatch.setattr(demo, "_Progress", stop)  # the first thing run_demo builds after resolving the precision
+    with pytest.warns(UserWarning, match=r"--dtype: bfloat16 was requested but cpu has no native bf16"):
+        with pytest.raises(Stop):
+            demo.run_demo(demo.DemoConfig(dtype="bfloat16"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(Stop):
+            demo.run_demo(demo.DemoConfig(dtype="auto"))  # auto resolves to float32 here: nothing to warn about

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -91,8 +92,9 @@ class DemoConfig:
     # same rows and task-loss gradient per step, ~7% fewer tokens (train.split_by_length, benchmarks/bench_length_split.py)
     split_by_length: int = 2
     # the frozen base's precision, for every method alike (trainable adapter weights stay fp32). "auto" is bfloat16
-    # where the CPU / GPU multiplies bf16 natively (cuma.models.native_bf16), with eager attention about 0.66x the
-    # step time here (benchmarks/bench_demo_dtype.py); not yet the default: the test runs of that setting are pending
+    # where the CPU / GPU multiplies bf16 natively (cuma.models.native_bf16): with eager attention 0.66x the step time
+    # on an AVX512-BF16 CPU, but 19-33x on one without (benchmarks/bench_demo_dtype.py, docs/demo.md seventh round),
+    # so the default stays float32: the demo's budget must hold on either machine
     dtype: str = "float32"
     attn_implementation: Optional[str] = None
 
@@ -233,10 +235,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from .data.records import load_prepared
     from .data.synthetic import oracle_metrics
     from .evaluate.topology import RoutingAccumulator
-    from .models import resolve_dtype_name
+    from .models import emulated_bf16_note, resolve_dtype_name
 
     # the resolved precision is what the report and results.json record
     cfg = replace(cfg, dtype=resolve_dtype_name(cfg.dtype, _device(), option="--dtype"))
+    note = emulated_bf16_note(cfg.dtype, _device())
+    if note:
+        warnings.warn(f"--dtype: {note}", stacklevel=2)
     work, out = Path(cfg.work), Path(cfg.out)
     progress = _Progress(total=4 + 2 * len(cfg.methods))
     torch.manual_seed(cfg.seed)
