@@ -39,6 +39,8 @@ from cuma.data.records import load_prepared
 from cuma.routing import Router, rms_normalise
 from cuma.train.callbacks import ValidationCurve
 
+from _common import valid_subset
+
 # shared building blocks: a linear schedule at one lr, fast conditioning without / with the centred profile input,
 # the upper half of the layers
 def _lin(lr: float) -> dict:
@@ -301,9 +303,7 @@ def main() -> None:
     tok = load_tokenizer("smollm2-135m")
     probe = [r for r in data.valid if not r["held_out"]][:16]
     if args.valid_limit:
-        seen_v = [r for r in data.valid if not r["held_out"]][: args.valid_limit]
-        held_v = [r for r in data.valid if r["held_out"]][: args.valid_limit // 2]
-        data = dataclasses.replace(data, valid=seen_v + held_v)
+        data = dataclasses.replace(data, valid=valid_subset(data.valid, args.valid_limit))
     for item in args.runs.split(","):
         variant, method = item.split(":")
         spec = VARIANTS[variant]

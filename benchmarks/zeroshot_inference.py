@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -32,6 +31,9 @@ from cuma.data.records import load_prepared
 from cuma.evaluate.choice import compute_metrics
 from cuma.evaluate.scoring import score_records
 from cuma.models import load_base_and_tokenizer
+from cuma.runinfo import atomic_write_json
+
+from _common import valid_subset
 
 
 def neighbour_table(profile_embeds: torch.Tensor, train_rows: list[int], k: int) -> torch.Tensor:
@@ -71,10 +73,7 @@ def main() -> None:
     if not prepared.is_dir():
         raise SystemExit(f"--data: {prepared} is not a folder (make it with demo_investigation.py --prepare-only)")
     data = load_prepared(prepared)
-    valid = data.valid
-    if args.valid_limit:
-        valid = ([r for r in valid if not r["held_out"]][: args.valid_limit]
-                 + [r for r in valid if r["held_out"]][: args.valid_limit // 2])
+    valid = valid_subset(data.valid, args.valid_limit)
     train_rows = sorted({r["profile_index"] for r in data.train})
     in_train = set(train_rows)
     base, tokenizer = load_base_and_tokenizer("smollm2-135m", dtype="float32")
@@ -103,11 +102,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(rows, indent=2))
-        tmp.replace(out)
+        atomic_write_json(args.json, rows)
 
 
 if __name__ == "__main__":
