@@ -115,6 +115,17 @@ VARIANTS = {
                                        "options": {**_FASTC, "router_profile_subspace": 32}},
     "lin_fastc_rlr6e-3_sub16_lr2e-3": {"cfg": {**_lin(2e-3), "router_learning_rate": 6e-3},
                                        "options": {**_FASTC, "router_profile_subspace": 16}},
+    # tenth round: LoRA+ (the adapters' B matrices at 4x / 8x / 16x the learning rate), for every method alike
+    **{f"lin_lr{lr}_split2_lp{k}": {"cfg": {**_lin(float(lr)), "split_by_length": 2, "loraplus_lr_ratio": float(k)}}
+       for lr in ("5e-4", "1e-3") for k in (4, 8, 16)},
+    **{f"lin_fastc_rlr6e-3_lr{lr}_split2_lp{k}": {
+        "cfg": {**_lin(float(lr)), "router_learning_rate": 6e-3, "split_by_length": 2, "loraplus_lr_ratio": float(k)},
+        "options": _FASTC} for lr in ("1e-3", "2e-3") for k in (4, 8, 16)},
+    # tenth round: the demo's CuMA with the profile out of its prompt (the paper's "profile not in the prompt"
+    # ablation: CuMA reads who is asking through its routers only)
+    "lin_fastc_rlr6e-3_lr2e-3_split2_noprompt": {
+        "cfg": {**_lin(2e-3), "router_learning_rate": 6e-3, "split_by_length": 2},
+        "options": {**_FASTC, "profile_in_prompt": False}},
     # seventh round: the frozen base in bf16 with eager attention, for every method alike (about 0.66x the step
     # time on this CPU, benchmarks/bench_demo_dtype.py), to buy more steps within the budget
     "bf16_lin_lr1e-3": {"cfg": {**_lin(1e-3), **_BF16}},

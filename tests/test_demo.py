@@ -65,9 +65,27 @@ def test_demo_quick_writes_the_report(tmp_path):
         resolved = yaml.safe_load((work / "adapters" / method / "resolved_config.yaml").read_text())
         assert resolved["train"]["router_learning_rate"] == router_lr
         assert resolved["train"]["split_by_length"] == 2  # every method alike
+        assert resolved["train"]["loraplus_lr_ratio"] == demo_default.loraplus_lr_ratio
         # the frozen base in the demo's precision and attention, every method alike
         assert resolved["model"]["dtype"] == results["config"]["dtype"] == resolve_dtype_name(demo_default.dtype)
         assert resolved["model"]["attn_implementation"] == demo_default.attn_implementation
     from safetensors.torch import load_file
 
     assert {t.dtype for t in load_file(work / "adapters" / "cuma" / "adapter_model.safetensors").values()} == {torch.float32}
+
+
+def test_demo_cli_passes_the_loraplus_ratio_and_refuses_a_bad_one(monkeypatch):
+    import argparse
+
+    from cuma import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", seen.append)
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    assert demo.run(parser.parse_args([])) == 0 and seen[-1].loraplus_lr_ratio is None
+    assert "loraplus" not in demo._command(seen[-1])  # the default names no flag
+    demo.run(parser.parse_args(["--loraplus-lr-ratio", "16"]))
+    assert seen[-1].loraplus_lr_ratio == 16.0 and "--loraplus-lr-ratio 16.0" in demo._command(seen[-1])
+    with pytest.raises(ValueError, match="--loraplus-lr-ratio must be positive"):
+        demo.run(parser.parse_args(["--loraplus-lr-ratio", "0"]))

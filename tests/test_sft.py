@@ -237,6 +237,52 @@ def test_router_learning_rate_keeps_the_trainer_optimizer(optim, tmp_path):
     assert sorted({g["lr"] for g in opt.param_groups}) == [1e-4, 1e-2]
 
 
+@pytest.mark.parametrize("method", ["lora", "cuma"])
+@pytest.mark.parametrize("router_lr", [None, 1e-2])
+def test_loraplus_ratio_puts_every_b_matrix_and_nothing_else_at_its_learning_rate(method, router_lr, tmp_path):
+    """LoRA+: the adapters' B matrices learn at ratio x lr, A matrices at lr, routers at their own lr when given (or
+    at lr); the scheduler keeps the ratio; a ratio that is not a positive number is refused by name."""
+    import peft
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    torch.manual_seed(0)
+    if method == "lora":
+        cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    else:
+        cfg = cuma.CuMAConfig(r=2, lora_alpha=4, num_experts=3, profile_dim=16, router_hidden=8)
+    model = peft.get_peft_model(tiny_llama(), cfg)
+    args = SFTConfig(output_dir=str(tmp_path), report_to="none", max_steps=4, bf16=False, learning_rate=1e-4,
+                     lr_scheduler_type="linear", dataset_kwargs={"skip_prepare_dataset": True},
+                     remove_unused_columns=False)
+    make = lambda ratio: ProfileSFTTrainer(  # noqa: E731
+        model=model, args=args, processing_class=tiny_chat_tokenizer(), data_collator=lambda x: x,
+        train_dataset=Dataset.from_list([{"input_ids": [1, 2]}]), router_learning_rate=router_lr,
+        loraplus_lr_ratio=ratio)
+    trainer = make(16.0)
+    opt = trainer.create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr_of = {names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(lr_of) == sorted(trainable)  # every trainable parameter exactly once
+    b_name = "lora_B" if method == "lora" else "cuma_B"
+    a_name = "lora_A" if method == "lora" else "cuma_A"
+    b = [n for n in trainable if b_name in n]
+    assert b and all(lr_of[n] == pytest.approx(1.6e-3) for n in b)
+    assert all(lr_of[n] == 1e-4 for n in trainable if a_name in n)
+    routed = [n for n in trainable if "router" in n or "profile_proj" in n]
+    assert (method == "cuma") == bool(routed)
+    assert all(lr_of[n] == (router_lr or 1e-4) for n in routed)
+    # the scheduler scales every group alike: B stays at 16x A through the decay
+    sched = trainer.create_scheduler(num_training_steps=4, optimizer=opt)
+    opt.step(); sched.step()  # noqa: E702
+    lrs = sorted({g["lr"] for g in opt.param_groups})
+    assert lrs[-1 if router_lr is None or method == "lora" else 1] == pytest.approx(16 * lrs[0])
+    for bad in (0, -1.0, True, "4"):
+        with pytest.raises(ValueError, match="loraplus_lr_ratio"):
+            make(bad)
+
+
 def test_sft_fits_the_profile_center_and_the_reloaded_adapter_scores_with_it(tiny_model_dir, tiny_prepared, tmp_path):
     from cuma.data.records import load_prepared
     from cuma.evaluate.scoring import score_records

@@ -83,6 +83,9 @@ class DemoConfig:
     # with two training seeds each, CuMA's accuracy rose in 4 of 4 runs, zero-shot in 3, entropy fell in 4
     # (docs/demo.md section 2, fourth round); None: the main lr
     router_learning_rate: Optional[float] = 6e-3
+    # LoRA+: every method's B matrices at this multiple of its learning rate (None: the same lr as A). Off: on the
+    # valid split it lowered CuMA's zero-shot accuracy (4x) and LoRA's seen accuracy (4x, 16x) (docs/demo.md, tenth round)
+    loraplus_lr_ratio: Optional[float] = None
     conditioning: str = "fast"  # CuMA's router: "fast" (CUMA_FAST_OPTIONS) or "paper" (the paper's raw concat)
     curve_points: int = 2  # valid evaluations during training (the learning-curve figure); 0: none
     # 16, not 32: on this CPU a forward of 8-16 prompts costs less per prompt than one of 32 or 64 (the same
@@ -167,6 +170,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router-learning-rate", type=float, default=None,
                         help=f"learning rate of the routers of both CuMA variants (default {d.router_learning_rate:g}; "
                         "pass the main learning rate for no split)")
+    parser.add_argument("--loraplus-lr-ratio", type=float, default=None,
+                        help="LoRA+: every method's B matrices learn at this multiple of its learning rate (default: "
+                        "off, the same lr as A; docs/demo.md tenth round)")
     parser.add_argument("--conditioning", choices=("fast", "paper"), default=None,
                         help="CuMA's router: 'fast' (balanced router inputs, profile-led initial routing, profile input "
                         "centred on the training profiles; the default) or 'paper' (the paper's raw concat(h_t, e_d))")
@@ -188,8 +194,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(out=args.out, work=args.work, seed=args.seed)
     if args.quick:
         cfg = cfg.quick_version()
-    for name in ("steps", "batch_size", "learning_rate", "router_learning_rate", "split_by_length", "train_pairs",
-                 "test_pairs", "held_out_test_pairs"):
+    for name in ("steps", "batch_size", "learning_rate", "router_learning_rate", "loraplus_lr_ratio", "split_by_length",
+                 "train_pairs", "test_pairs", "held_out_test_pairs"):
         value = getattr(args, name)
         if value is not None:
             if value <= 0:
@@ -391,6 +397,7 @@ def _train(cfg: DemoConfig, method: str, prepared: Path, out: Path, options: Opt
     ])  # fmt: skip
     # the router lr split only where there are routers (LoRA's record then says plainly that it had none)
     run_cfg.train.router_learning_rate = cfg.router_learning_rate if has_routers(method) else None
+    run_cfg.train.loraplus_lr_ratio = cfg.loraplus_lr_ratio
     run_cfg.model.attn_implementation = cfg.attn_implementation
     run_cfg.method.options = {**_method_options(method, cfg.conditioning), **(options or {})}
     return run_sft(run_cfg, callbacks=callbacks)
@@ -641,7 +648,7 @@ def _command(cfg: DemoConfig) -> str:
     default = DemoConfig().quick_version() if cfg.quick else DemoConfig()
     parts = ["cuma demo"] + (["--quick"] if cfg.quick else [])
     for name in ("out", "work", "seed", "steps", "batch_size", "learning_rate", "lr_scheduler", "router_learning_rate",
-                 "conditioning", "split_by_length", "dtype",
+                 "loraplus_lr_ratio", "conditioning", "split_by_length", "dtype",
                  "train_pairs", "test_pairs", "held_out_test_pairs"):
         value, default_value = getattr(cfg, name), getattr(default, name)
         if name == "dtype":  # "auto" resolves on this machine; name it only where the run's precision differs

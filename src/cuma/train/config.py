@@ -51,6 +51,9 @@ class TrainSection:
     seed: int = 0
     learning_rate: float = 2e-5
     router_learning_rate: Optional[float] = None  # separate lr for routers / profile projection (None: same)
+    # LoRA+ (Hayou et al., 2024): the adapters' B matrices (lora_B, cuma_B, hydralora_B, mixlora_*_B) learn at this
+    # multiple of learning_rate; None: the same lr as A
+    loraplus_lr_ratio: Optional[float] = None
     num_train_epochs: float = 3.0
     max_steps: int = -1
     per_device_train_batch_size: int = 8

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import os
 import time
 from contextlib import contextmanager, nullcontext
@@ -80,10 +81,15 @@ class ProfileSFTTrainer(SFTTrainer):
     tokens (``num_items_in_batch``), so the micro-batches' gradients add up to the batch's; the balance term is the
     mean of the micro-batches' terms, as under gradient accumulation."""
 
-    def __init__(self, *args, router_learning_rate: Optional[float] = None, split_by_length: int = 1, **kwargs):
+    def __init__(self, *args, router_learning_rate: Optional[float] = None, split_by_length: int = 1,
+                 loraplus_lr_ratio: Optional[float] = None, **kwargs):
+        if loraplus_lr_ratio is not None and not (isinstance(loraplus_lr_ratio, (int, float))
+                                                  and not isinstance(loraplus_lr_ratio, bool) and loraplus_lr_ratio > 0):
+            raise ValueError(f"train.loraplus_lr_ratio must be a number > 0 (or unset), got {loraplus_lr_ratio!r}")
         if not isinstance(split_by_length, int) or isinstance(split_by_length, bool) or split_by_length < 1:
             raise ValueError(f"train.split_by_length must be an integer >= 1, got {split_by_length!r}")
         self.router_learning_rate = router_learning_rate
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         self.split_by_length = split_by_length
         self._micro_batches = 1  # micro-batches of the batch being trained on (the balance term's share)
         super().__init__(*args, **kwargs)
@@ -131,8 +137,9 @@ class ProfileSFTTrainer(SFTTrainer):
 
     def create_optimizer(self, model=None):
         """The Trainer's own optimizer (``optim``, betas, epsilon, its decay / no-decay split), with the routers and
-        the profile projection in groups of their own at ``router_learning_rate`` when one is given."""
-        if self.router_learning_rate is None or self.optimizer is not None:
+        the profile projection in groups of their own at ``router_learning_rate`` when one is given, and the adapters'
+        B matrices at ``loraplus_lr_ratio`` x the learning rate when that is given."""
+        if (self.router_learning_rate is None and self.loraplus_lr_ratio is None) or self.optimizer is not None:
             return super().create_optimizer(model)
         from transformers.trainer import is_optimizer_factory
 
@@ -143,12 +150,14 @@ class ProfileSFTTrainer(SFTTrainer):
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         own_groups = any(k in optimizer_kwargs for k in ("params", "model", "optimizer_dict"))
         if is_optimizer_factory(optimizer_cls) or own_groups:
+            name = "router_learning_rate" if self.router_learning_rate is not None else "loraplus_lr_ratio"
             raise ValueError(
-                f"train.router_learning_rate cannot be combined with optim={self.args.optim!r}: that optimizer builds "
-                "its own parameter groups; leave router_learning_rate unset or use an AdamW/SGD-style optimizer"
+                f"train.{name} cannot be combined with optim={self.args.optim!r}: that optimizer builds "
+                f"its own parameter groups; leave {name} unset or use an AdamW/SGD-style optimizer"
             )
         groups = router_param_groups(opt_model, self.get_decay_parameter_names(opt_model), self.args.weight_decay,
-                                     self.router_learning_rate)
+                                     self.router_learning_rate, lora_b_lr=None if self.loraplus_lr_ratio is None
+                                     else self.args.learning_rate * self.loraplus_lr_ratio)
         # hand the groups to Trainer.create_optimizer through its own "params" hook (as GaLore's kwargs do), so it
         # keeps doing everything else it does (bitsandbytes overrides, SageMaker wrapping)
         saved = self.optimizer_cls_and_kwargs
@@ -164,19 +173,36 @@ def is_router_parameter(name: str) -> bool:
     return "router" in name or "profile_proj" in name
 
 
-def router_param_groups(model, decay_names, weight_decay: float, router_lr: float) -> list[dict]:
-    """Trainable parameters in up to four optimizer groups: (other | router) x (decay | no decay). Router groups
-    carry ``lr=router_lr``; the others take the optimizer's learning rate. Empty groups are left out."""
+# the up-projections of every LoRA-style adapter: PEFT's lora_B / lora_embedding_B and the mixtures' per-expert B
+_LORA_B = re.compile(r"(^|\.)(lora|lora_embedding|cuma|hydralora|mixlora|mixlora_gate|mixlora_up|mixlora_down)_B(\.|$)")
+
+
+def is_lora_b_parameter(name: str) -> bool:
+    """An adapter's B matrix (the up-projection, zero at init): the parameters ``loraplus_lr_ratio`` applies to."""
+    return _LORA_B.search(name) is not None
+
+
+def router_param_groups(model, decay_names, weight_decay: float, router_lr: Optional[float],
+                        lora_b_lr: Optional[float] = None) -> list[dict]:
+    """Trainable parameters in optimizer groups of (other | router | B matrix) x (decay | no decay). Router groups
+    carry ``lr=router_lr`` and B-matrix groups ``lr=lora_b_lr`` where those are given; everything else takes the
+    optimizer's learning rate. Empty groups are left out."""
     decay_names = set(decay_names)
-    buckets: dict[tuple[bool, bool], list] = {}
+    buckets: dict[tuple[int, bool], list] = {}
     for n, p in model.named_parameters():
         if p.requires_grad:
-            buckets.setdefault((is_router_parameter(n), n in decay_names), []).append(p)
+            if router_lr is not None and is_router_parameter(n):
+                kind = 1
+            elif lora_b_lr is not None and is_lora_b_parameter(n):
+                kind = 2
+            else:
+                kind = 0
+            buckets.setdefault((kind, n in decay_names), []).append(p)
     groups = []
-    for (routed, decay), params in sorted(buckets.items()):
+    for (kind, decay), params in sorted(buckets.items()):
         group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
-        if routed:
-            group["lr"] = router_lr
+        if kind:
+            group["lr"] = router_lr if kind == 1 else lora_b_lr
         groups.append(group)
     return groups
 
@@ -318,6 +344,7 @@ def run_sft(cfg: SFTRunConfig, callbacks: Optional[list] = None) -> dict[str, An
         data_collator=collator,
         callbacks=callbacks,
         router_learning_rate=cfg.train.router_learning_rate,
+        loraplus_lr_ratio=cfg.train.loraplus_lr_ratio,
         split_by_length=cfg.train.split_by_length,
     )
     t_train = time.perf_counter()
