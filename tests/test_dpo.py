@@ -238,3 +238,22 @@ def test_dpo_cli_prints_config(tmp_path, capsys):
 
     assert main(["train", "dpo", "--print-config", "--dpo.beta", "0.2"]) == 0
     assert "beta: 0.2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option, value", [("router_learning_rate", 1e-3), ("loraplus_lr_ratio", 16.0),
+                                           ("split_by_length", 2)])
+def test_preference_stages_refuse_the_sft_only_options(option, value):
+    """The SFT trainer's optimizer groups and length-split batches do not exist in DPO / GRPO: refused, not dropped."""
+    from trl import DPOConfig
+
+    from cuma.train.config import PreferenceTrainSection
+    from cuma.train.preference import train_args_common
+
+    class Built:
+        gradient_checkpointing_allowed = True
+
+    t = PreferenceTrainSection(**{option: value})
+    with pytest.raises(ValueError, match=f"train.{option}=.*SFT .*only"):
+        train_args_common(t, Built(), DPOConfig)
+    assert isinstance(train_args_common(PreferenceTrainSection(output_dir="x", report_to="none"), Built(), DPOConfig),
+                      DPOConfig)

@@ -288,8 +288,15 @@ def profile_lookup(table, encoder, examples: Sequence[dict]) -> torch.Tensor:
 
 
 def train_args_common(t, built, cls, **extra) -> Any:
-    """A TRL config of class ``cls`` from a TrainSection (the same mapping as the SFT stage)."""
+    """A TRL config of class ``cls`` from a TrainSection (the same mapping as the SFT stage). The SFT trainer's own
+    options (optimizer groups, length-split batches) are refused here rather than dropped."""
     import dataclasses
+
+    sft_only = {"router_learning_rate": None, "loraplus_lr_ratio": None, "split_by_length": 1}
+    set_here = [f"train.{k}={getattr(t, k)!r}" for k, off in sft_only.items() if getattr(t, k, off) != off]
+    if set_here:
+        raise ValueError(f"{', '.join(set_here)}: these options apply to SFT (cuma train sft) only; the "
+                         f"{cls.__name__.removesuffix('Config')} stage would ignore them. Leave them unset here.")
 
     names = {f.name for f in dataclasses.fields(cls)}
     ckpt_on = t.gradient_checkpointing and built.gradient_checkpointing_allowed
