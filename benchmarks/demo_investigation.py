@@ -126,6 +126,11 @@ VARIANTS = {
     "lin_fastc_rlr6e-3_lr2e-3_split2_noprompt": {
         "cfg": {**_lin(2e-3), "router_learning_rate": 6e-3, "split_by_length": 2},
         "options": {**_FASTC, "profile_in_prompt": False}},
+    # eleventh round: batch 4 at twice the steps instead of batch 8 split in two micro-batches of 4 (the same rows
+    # and about the same compute: every forward is 4 rows either way), for every method alike: twice the updates
+    "lin_lr1e-3_b4": {"cfg": {**_lin(1e-3), "batch_size": 4}},
+    "lin_fastc_rlr6e-3_lr2e-3_b4": {"cfg": {**_lin(2e-3), "router_learning_rate": 6e-3, "batch_size": 4},
+                                    "options": _FASTC},
     # seventh round: the frozen base in bf16 with eager attention, for every method alike (about 0.66x the step
     # time on this CPU, benchmarks/bench_demo_dtype.py), to buy more steps within the budget
     "bf16_lin_lr1e-3": {"cfg": {**_lin(1e-3), **_BF16}},
