@@ -164,14 +164,6 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(c, widths))))
 
 
-def valid_subset(records: Sequence[dict], limit: Optional[int]) -> list[dict]:
-    """``--valid-limit`` of the demo scripts: the first ``limit`` seen-country valid records and the first
-    ``limit // 2`` held-out ones (all of them for ``limit`` None or 0), so that scripts score the same pairs."""
-    if not limit:
-        return list(records)
-    return ([r for r in records if not r["held_out"]][:limit] + [r for r in records if r["held_out"]][: limit // 2])
-
-
 def write_json(path: Optional[str], payload: dict) -> None:
     if not path:
         return

@@ -3,11 +3,11 @@ attention (after), for every demo method, side by side in one run.
 
     python benchmarks/bench_demo_dtype.py [--quick] [--reps 2] [--steps 4] [--pairs 48] [--threads N] [--json PATH]
 
-Training: one timed call = ``--steps`` optimizer steps of the demo's own trainer (``demo._train``: batch 8 as two
+Training: one timed call = ``--steps`` optimizer steps of the demo's own trainer (``cuma.demo.train_method``: batch 8 as two
 micro-batches of similar length, the compact LM head, AdamW, the routers' balance term and lr split) on a freshly
 prepared demo population, after one untimed step; the trainer's start (model load, tokenizing) is not timed. Each
 round runs every (method, precision) once, in rotating order, so the after/before ratios are paired by round.
-Scoring: one timed call = ``score_records`` of the first ``--pairs`` test pairs with the untrained model and the
+Scoring: one timed call = ``evaluate_wvb`` of the first ``--pairs`` test pairs with the untrained model and the
 persona prompt (the demo's evaluation batch of 16). Printed: median seconds per call, the paired after/before ratio
 per method, and how far the bf16 base moves the untrained model's option distributions (largest absolute
 difference, share of pairs whose argmax answer changes). The two middle variants (fp32 + eager, bf16 + SDPA) are
@@ -32,7 +32,7 @@ from _common import base_parser, environment, paired_ratio, print_table, setup_t
 
 from cuma import demo
 from cuma.data.records import load_prepared
-from cuma.evaluate.scoring import score_records
+from cuma.evaluate.wvb import WVBEvalConfig, evaluate_wvb
 
 METHODS = ["lora", "cuma-semantic", "cuma"]
 BEFORE, AFTER = ("float32", None), ("bfloat16", "eager")  # (dtype, attn_implementation; None = transformers' sdpa)
@@ -76,22 +76,23 @@ def main() -> None:
         train: dict[str, list[float]] = {}
         score: dict[str, list[float]] = {}
         probs: dict[str, list] = {}
-        pairs = data.test[: args.pairs]
+        n = min(args.pairs, len(data.test))
         for rnd in range(reps):
             order = precisions[rnd % len(precisions):] + precisions[: rnd % len(precisions)]
             for method in METHODS:
                 for precision in order:
                     run_cfg = replace(cfg, dtype=precision[0], attn_implementation=precision[1])
                     clock = StepClock()
-                    demo._train(run_cfg, method, prepared, Path(tmp) / "adapters" / method, callbacks=[clock])
+                    demo.train_method(run_cfg, method, prepared, Path(tmp) / "adapters" / method, callbacks=[clock])
                     train.setdefault(f"{method}/{label(precision)}", []).append(sum(clock.times))
                     print(f"round {rnd} {method} {label(precision)}: {sum(clock.times):.1f} s for {len(clock.times)} steps",
                           flush=True)
             for precision in order:
                 run_cfg = replace(cfg, dtype=precision[0], attn_implementation=precision[1])
-                base, tok = demo._load_base(run_cfg)
+                base, tok = demo.load_base(run_cfg)
                 t0 = time.perf_counter()
-                preds = score_records(base, tok, pairs, batch_size=cfg.eval_batch_size, progress=False)
+                preds = evaluate_wvb(base, tok, data, WVBEvalConfig(limit=n, batch_size=cfg.eval_batch_size,
+                                                                    per_question=False, progress=False)).predictions
                 score.setdefault(label(precision), []).append(time.perf_counter() - t0)
                 probs[label(precision)] = [np.asarray(r["probs"]) for r in preds]
     rows = [{"variant": f"train {k}", **summarize(v)} for k, v in train.items()]

@@ -103,7 +103,7 @@ def main() -> None:
     systems = {"before": OLD_SYSTEM, "after": prompts.SYSTEM_INSTRUCTION}
     fns, lengths, compile_seconds, compile_errors = {}, {}, {}, {}
     for method in METHODS:
-        built = methods.build(method, load_base("smollm2-135m"), **demo._method_options(method, "fast"))
+        built = methods.build(method, load_base("smollm2-135m"), **demo.method_options(method, "fast"))
         model = built.model.train()
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
         for style in ("before", "after"):

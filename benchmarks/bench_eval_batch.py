@@ -2,7 +2,7 @@
 
     python benchmarks/bench_eval_batch.py [--quick] [--reps 3] [--pairs 64] [--threads N] [--json PATH]
 
-One timed call = ``score_records`` over the first ``--pairs`` test pairs of a freshly prepared demo population
+One timed call = ``cuma.evaluate.wvb.evaluate_wvb`` over the first ``--pairs`` test pairs of a freshly prepared demo population
 (the untrained SmolLM2-135M with the persona prompt, the demo's prompts; batches longest-first, padded to their own
 longest row, one forward each, logits only at the answer position). Printed: median seconds per call for each batch
 size, its ratio to batch 32 (the demo's earlier ``eval_batch_size``) and the largest difference between the option
@@ -23,9 +23,9 @@ import torch
 
 from _common import base_parser, environment, paired_ratio, print_table, setup_torch, summarize, time_interleaved, write_json
 
-from cuma import demo
+from cuma import demo, methods
 from cuma.data.records import load_prepared
-from cuma.evaluate.scoring import score_records
+from cuma.evaluate.wvb import WVBEvalConfig, evaluate_wvb
 from cuma.models import load_base_and_tokenizer
 
 BATCHES = (8, 16, 32, 64)
@@ -40,15 +40,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = demo.DemoConfig(work=tmp, seed=args.seed)
         prepared, _, _ = demo.prepare_data(cfg, Path(tmp) / "data")
-        records = load_prepared(prepared).test[: (16 if args.quick else args.pairs)]
+        data = load_prepared(prepared)
+    n = min(16 if args.quick else args.pairs, len(data.test))
     base, tok = load_base_and_tokenizer("smollm2-135m")
-    base.eval()
+    persona = methods.build("persona", base)
     probs: dict[int, list] = {}
 
     def call(b: int):
+        config = WVBEvalConfig(split="test", limit=n, batch_size=b, per_question=False, progress=False)
+
         def run():
             with torch.no_grad():
-                probs[b] = [p["probs"] for p in score_records(base, tok, records, batch_size=b, progress=False)]
+                probs[b] = [p["probs"] for p in evaluate_wvb(persona, tok, data, config).predictions]
         return run
 
     times = time_interleaved({str(b): call(b) for b in BATCHES}, reps=reps, warmup=1)
@@ -59,10 +62,10 @@ def main() -> None:
         diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(probs[b], probs[32]))
         rows.append({"batch": b, "median_s": s["median_ms"] / 1e3, "ratio_to_32": r["median_paired_ratio"],
                      "max_prob_diff_vs_32": diff})
-    print(f"{len(records)} test pairs per call, {threads} threads, {reps} interleaved rounds")
+    print(f"{n} test pairs per call, {threads} threads, {reps} interleaved rounds")
     print_table(rows, [("batch", "batch", "d"), ("median_s", "median s", ".2f"), ("ratio_to_32", "/ batch 32", ".3f"),
                        ("max_prob_diff_vs_32", "max |p - p32|", ".1e")])
-    write_json(args.json, {"benchmark": "eval_batch", "pairs": len(records), "reps": reps, "rows": rows,
+    write_json(args.json, {"benchmark": "eval_batch", "pairs": n, "reps": reps, "rows": rows,
                            "times": times, "environment": environment(threads)})
 
 

@@ -106,7 +106,7 @@ def main() -> None:
     table = torch.nn.functional.normalize(torch.randn(max(r["profile_index"] for r in recs) + 1, 384, generator=gen), dim=-1)
     fns, checks = {}, {}
     for method in METHODS:
-        built = methods.build(method, load_base("smollm2-135m"), **demo._method_options(method, "fast"))
+        built = methods.build(method, load_base("smollm2-135m"), **demo.method_options(method, "fast"))
         model = built.model.train()
         collate = ProfileCollator(pad_token_id=tok.pad_token_id, profile_table=table, uses_profile=built.uses_profile)
         batches = [collate(examples[8 * i : 8 * i + 8]) for i in range(n_batches)]

@@ -118,7 +118,8 @@ def evaluate(out: str, data: str, n: int) -> None:
     from conftest import tiny_chat_tokenizer
 
     from cuma.data.records import load_prepared
-    from cuma.distributed import init_from_env, rank_and_world, score_records_distributed
+    from cuma.distributed import init_from_env, rank_and_world
+    from cuma.evaluate.distributed import score_records_distributed
 
     init_from_env()
     prepared = load_prepared(data)

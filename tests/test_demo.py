@@ -74,18 +74,48 @@ def test_demo_quick_writes_the_report(tmp_path):
     assert {t.dtype for t in load_file(work / "adapters" / "cuma" / "adapter_model.safetensors").values()} == {torch.float32}
 
 
-def test_demo_cli_passes_the_loraplus_ratio_and_refuses_a_bad_one(monkeypatch):
+def test_demo_cli_passes_the_loraplus_ratio_and_refuses_a_bad_one():
     import argparse
 
     from cuma import demo
 
-    seen = []
-    monkeypatch.setattr(demo, "run_demo", seen.append)
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
-    assert demo.run(parser.parse_args([])) == 0 and seen[-1].loraplus_lr_ratio is None
-    assert "loraplus" not in demo._command(seen[-1])  # the default names no flag
-    demo.run(parser.parse_args(["--loraplus-lr-ratio", "16"]))
-    assert seen[-1].loraplus_lr_ratio == 16.0 and "--loraplus-lr-ratio 16.0" in demo._command(seen[-1])
+    cfg = demo.config_from_args(parser.parse_args([]))
+    assert cfg.loraplus_lr_ratio is None
+    assert "loraplus" not in demo.command_line(cfg)  # the default names no flag
+    cfg = demo.config_from_args(parser.parse_args(["--loraplus-lr-ratio", "16"]))
+    assert cfg.loraplus_lr_ratio == 16.0 and "--loraplus-lr-ratio 16.0" in demo.command_line(cfg)
     with pytest.raises(ValueError, match="--loraplus-lr-ratio must be positive"):
         demo.run(parser.parse_args(["--loraplus-lr-ratio", "0"]))
+
+
+def test_demo_training_config_is_built_from_the_demo_config(tmp_path):
+    """The training glue builds SFTRunConfig directly: every setting of the demo reaches the run's sections."""
+    from cuma import demo
+    from cuma.train.config import SFTRunConfig
+
+    cfg = demo.DemoConfig(seed=3, steps=12, batch_size=4, loraplus_lr_ratio=4.0, attn_implementation="eager")
+    for method in cfg.methods:
+        run = demo.training_config(cfg, method, tmp_path / "data", tmp_path / method, options={"r": 4})
+        assert isinstance(run, SFTRunConfig)
+        assert run.method.name == method and run.data.path == str(tmp_path / "data")
+        assert run.method.options == {**demo.method_options(method, cfg.conditioning), "r": 4}
+        t = run.train
+        assert (t.seed, t.max_steps, t.per_device_train_batch_size) == (3, 12, 4)
+        assert t.learning_rate == cfg.learning_rate_of(method) and t.lr_scheduler_type == cfg.lr_scheduler
+        assert t.logging_steps == 2 and t.save_strategy == "no" and t.report_to == ["none"]
+        assert t.split_by_length == cfg.split_by_length and t.loraplus_lr_ratio == 4.0
+        assert t.router_learning_rate == (cfg.router_learning_rate if method != "lora" else None)
+        assert run.model.attn_implementation == "eager" and run.model.name_or_path == "smollm2-135m"
+    assert demo.DemoConfig().learning_rate_of("lora") == 1e-3 and demo.DemoConfig().learning_rate_of("cuma") == 2e-3
+
+
+def test_demo_fast_conditioning_is_declared_once():
+    from cuma import demo
+
+    assert demo.method_options("cuma", "fast").items() >= demo.CUMA_FAST_OPTIONS.items()
+    assert not set(demo.method_options("cuma", "paper")) & set(demo.CUMA_FAST_OPTIONS)
+    assert "router_profile_center" not in demo.method_options("cuma-semantic", "fast")  # it reads no profile
+    with pytest.raises(ValueError, match="--conditioning"):
+        demo.method_options("cuma", "quick")

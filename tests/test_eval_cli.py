@@ -226,3 +226,33 @@ def test_report_writers(tmp_path):
                                    seed=3)
     assert summary["run"]["data_sha256"] == {os.path.abspath(path): report.sha256_file(path)}
     assert summary["run"]["seed"] == 3 and summary["run"]["packages"]["numpy"]
+
+
+def test_evaluate_wvb_is_what_the_cli_scores(workspace, tmp_path):
+    """The library call behind `cuma eval wvb`: the same predictions and metrics as the command, dropped records
+    counted by reason, and a routed method given its profile rows."""
+    from cuma import models
+    from cuma.evaluate.wvb import WVBEvalConfig, evaluate_wvb
+
+    ws = workspace
+    summary, preds = _run(ws, tmp_path / "cli", "--adapter", ws["adapter"], "--batch-size", "4")
+    base, tokenizer = models.load_base_and_tokenizer(ws["model"])
+    built = methods.load(None, base, ws["adapter"])
+    result = evaluate_wvb(built, tokenizer, ws["data"], WVBEvalConfig(batch_size=4, progress=False))
+    assert result.method == "cuma" and result.uses_profile_embeds and result.profile_in_prompt
+    assert [p["id"] for p in result.predictions] == [r["id"] for r in preds]
+    assert [p["pred_letter"] for p in result.predictions] == [r["pred_letter"] for r in preds]
+    assert result.metrics["accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
+    assert result.metrics["emd"]["mean"] == pytest.approx(summary["metrics"]["emd"]["mean"])
+    assert result.counts == summary["counts"]
+    assert result.counts["dropped"] == {"gold_letter not among the letters": 1}
+    assert len(result.held_out) == 6 and len(result.seen) == 12
+    assert any(f.endswith("profile_embeds.safetensors") for f in result.data_files)
+    # a limit is counted as dropped; the profile switched off in the prompt is scored so and reported
+    short = evaluate_wvb(built, tokenizer, ws["data"], WVBEvalConfig(limit=5, profile_in_prompt=False, progress=False))
+    assert len(short.predictions) == 5 and short.counts["dropped"]["beyond --limit 5"] == 13
+    assert short.profile_in_prompt is False and short.profile_in_prompt_trained is True
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        WVBEvalConfig(batch_size=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate_wvb(built, tokenizer, tmp_path / "nowhere", WVBEvalConfig(progress=False))

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from cuma.demo import _claim_row, demo_claims
+from cuma.demo import claim_row
+from cuma.evaluate.claims import paper_claims
 from cuma.evaluate.paired import paired_accuracy_difference
 
 
@@ -52,7 +53,7 @@ def test_demo_claims_from_predictions():
     }
     tables = {"lora": {"emd": 0.30, "entropy": 0.90}, "cuma-semantic": {"emd": 0.28, "entropy": 0.88},
               "cuma": {"emd": 0.24, "entropy": 0.95}}
-    claims = {c["claim"].split(" (")[0]: c for c in demo_claims(_results(correct, held, tables))}
+    claims = {c["claim"].split(" (")[0]: c for c in paper_claims(_results(correct, held, tables))}
     acc = claims["CuMA's accuracy >= LoRA's + 10 points"]
     assert acc["measured"] == pytest.approx(0.2) and acc["met"] and acc["pairs"] == 10
     assert acc["interval"][0] <= 0.2 <= acc["interval"][1]
@@ -63,7 +64,7 @@ def test_demo_claims_from_predictions():
     assert zs["measured"] == pytest.approx(0.1) and zs["met"] and zs["pairs"] == 10
     ent = claims["CuMA's entropy below LoRA's"]
     assert not ent["met"] and ent["measured"] == pytest.approx(0.05)
-    rows = [_claim_row(c) for c in claims.values()]
+    rows = [claim_row(c) for c in claims.values()]
     assert "+20.0 points" in rows[0] and "**met**" in rows[0]
     assert "0.80x" in rows[1] and "**not met**" in rows[1]
 
@@ -74,5 +75,5 @@ def test_demo_claims_refuse_misaligned_predictions():
                        {"lora": {"emd": 0.3, "entropy": 0.9}, "cuma": {"emd": 0.2, "entropy": 0.8}})
     results["lora"]["predictions"].reverse()
     with pytest.raises(ValueError, match="not the same pairs"):
-        demo_claims(results)
-    assert demo_claims({"cuma": results["cuma"]}) == []
+        paper_claims(results)
+    assert paper_claims({"cuma": results["cuma"]}) == []

@@ -66,22 +66,19 @@ def test_sft_on_a_bf16_base_keeps_fp32_adapters_that_learn(method, tiny_model_di
 
 def test_demo_names_its_precision_only_where_it_differs(monkeypatch):
     monkeypatch.setattr(models, "native_bf16", lambda device=None: True)
-    assert "--dtype" not in demo._command(demo.DemoConfig())
+    assert "--dtype" not in demo.command_line(demo.DemoConfig())
     default = models.resolve_dtype_name(demo.DemoConfig().dtype)
     other = "float32" if default == "bfloat16" else "bfloat16"
-    assert f"--dtype {other}" in demo._command(demo.DemoConfig(dtype=other))
-    assert "--dtype" not in demo._command(demo.DemoConfig(dtype=default))
+    assert f"--dtype {other}" in demo.command_line(demo.DemoConfig(dtype=other))
+    assert "--dtype" not in demo.command_line(demo.DemoConfig(dtype=default))
 
 
 def test_demo_cli_takes_the_dtype(monkeypatch):
     import argparse
 
-    captured = {}
-    monkeypatch.setattr(demo, "run_demo", lambda cfg: captured.setdefault("cfg", cfg))
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
-    assert demo.run(parser.parse_args(["--dtype", "float32"])) == 0
-    assert captured["cfg"].dtype == "float32"
+    assert demo.config_from_args(parser.parse_args(["--dtype", "float32"])).dtype == "float32"
     with pytest.raises(SystemExit):
         parser.parse_args(["--dtype", "half"])
 
@@ -100,7 +97,7 @@ def test_emulated_bf16_is_named_and_the_demo_warns_before_any_work(monkeypatch):
         raise Stop
 
     monkeypatch.setattr(models, "native_bf16", lambda device=None: False)
-    monkeypatch.setattr(demo, "_Progress", stop)  # the first thing run_demo builds after resolving the precision
+    monkeypatch.setattr(demo.recipe, "Progress", stop)  # the first thing run_demo builds after resolving the precision
     with pytest.warns(UserWarning, match=r"--dtype: bfloat16 was requested but cpu has no native bf16"):
         with pytest.raises(Stop):
             demo.run_demo(demo.DemoConfig(dtype="bfloat16"))

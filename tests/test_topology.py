@@ -326,3 +326,25 @@ def test_human_distances_follow_the_generators_truth(tmp_path):
     diff = [d_truth[i, j] for i, j in zip(*iu) if dom[groups[i]] != dom[groups[j]]]
     if same and diff:
         assert np.mean(same) < np.mean(diff)
+
+
+def test_routing_map_from_pooled_gates():
+    """The report's routing map: per-projection loads, the projection whose load differs most between groups, and a
+    similarity matrix near 1 for groups routed alike and -1 for groups routed apart (centred over groups)."""
+    from cuma.evaluate.topology import RoutingStats, per_layer_load, routing_map, routing_similarity
+
+    flat = [0.25, 0.25, 0.25, 0.25]
+    # layer 0 routes every group alike; layer 1 sends A and B to expert 0 and C to expert 3
+    gates = np.array([[flat, flat, flat],
+                      [[0.7, 0.1, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]]])
+    stats = RoutingStats(layers=["l0.q_proj", "l1.q_proj"], groups=["A", "B", "C"], mean_gate=gates,
+                         load_share=gates, tokens=np.ones((2, 3)))
+    per_layer = per_layer_load(stats)
+    assert per_layer["C"]["l1.q_proj"] == pytest.approx([0.1, 0.1, 0.1, 0.7])
+    groups, sim = routing_similarity(per_layer)
+    assert groups == ["A", "B", "C"]
+    assert sim[0][1] == pytest.approx(1.0) and sim[0][2] == pytest.approx(-1.0, abs=1e-6)
+    m = routing_map(stats, held_out=["C"])
+    assert m["layer"] == "l1.q_proj" and m["held_out"] == ["C"] and m["countries"] == ["A", "B", "C"]
+    assert m["load"]["A"] == pytest.approx([0.7, 0.1, 0.1, 0.1])
+    assert m["mean_load"]["C"] == pytest.approx([0.175, 0.175, 0.175, 0.475])

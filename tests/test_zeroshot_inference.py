@@ -1,4 +1,4 @@
-"""benchmarks/zeroshot_inference.py (docs/demo.md, ninth round): an unseen profile routed as its nearest training
+"""experiments/demo/zeroshot_inference.py (docs/notes/demo-investigation.md): an unseen profile routed as its nearest training
 profiles. The table it builds must keep every training row and give each other row its neighbours' mean."""
 
 import importlib.util
@@ -8,9 +8,9 @@ import torch
 
 
 def _module(monkeypatch):
-    bench = Path(__file__).resolve().parent.parent / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench))  # the script imports its folder's _common, as when run from there
-    path = bench / "zeroshot_inference.py"
+    folder = Path(__file__).resolve().parent.parent / "experiments" / "demo"
+    monkeypatch.syspath_prepend(str(folder))  # the script imports its folder's _shared, as when run from there
+    path = folder / "zeroshot_inference.py"
     spec = importlib.util.spec_from_file_location("zeroshot_inference", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

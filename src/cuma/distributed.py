@@ -10,16 +10,16 @@ package and its tests run on a CPU without DeepSpeed. ``docs/scaling.md`` descri
   gathered once per layer call, not per sub-module: the router, the packed experts and the base weight are used
   together in one forward) and gives the adapter parameters the base dtype (ZeRO-3 flattens a module's parameters
   into one buffer of one dtype).
-- :func:`shard_bounds`, :func:`gather_in_order` and :func:`score_records_distributed`: each rank scores a contiguous
-  slice of the records (sizes differ by at most one, no padding), and the slices are gathered back in rank order,
-  so the gathered predictions are the single-process predictions, each record exactly once.
+- :func:`shard_bounds` and :func:`gather_in_order`: each rank works on a contiguous slice of the items (sizes differ
+  by at most one, no padding), and the slices are gathered back in rank order, each item exactly once
+  (:func:`cuma.evaluate.distributed.score_records_distributed` scores with them).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -32,7 +32,6 @@ __all__ = [
     "match_adapter_dtype",
     "prepare_for_zero3",
     "rank_and_world",
-    "score_records_distributed",
     "shard_bounds",
     "zero_stage",
 ]
@@ -76,20 +75,6 @@ def gather_in_order(local: Sequence[Any], group=None) -> list[Any]:
     for part in parts:
         out.extend(part or [])
     return out
-
-
-def score_records_distributed(model, tokenizer, records: Sequence[Any], *, score: Optional[Callable] = None, **kwargs):
-    """:func:`cuma.evaluate.scoring.score_records` on this rank's slice of ``records`` (:func:`shard_bounds`), the
-    slices gathered on every rank in the original order. Equals the single-process result record for record."""
-    if score is None:
-        from .evaluate.scoring import score_records as score
-    rank, world = rank_and_world()
-    start, stop = shard_bounds(len(records), rank, world)
-    local = score(model, tokenizer, records[start:stop], **kwargs) if stop > start else []
-    gathered = gather_in_order(local)
-    if len(gathered) != len(records):  # pragma: no cover - a rank saw different records
-        raise RuntimeError(f"gathered {len(gathered)} predictions for {len(records)} records: ranks disagree on the data")
-    return gathered
 
 
 # ------------------------------------------------------------------------------------------------ ZeRO stage

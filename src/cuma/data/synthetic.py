@@ -63,7 +63,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from ..evaluate.choice import wasserstein_1d  # the evaluator's W1, so the oracle's EMD is the reported one
+from ..metrics import wasserstein_1d  # the evaluator's W1, so the oracle's EMD is the reported one
 from ..profiles import WVB_FIELD_MAP, Profile
 from ..runinfo import atomic_directory, atomic_write_json, dumps, package_versions, sha256_file
 

@@ -22,19 +22,18 @@ import sys
 import time
 from typing import Any, Optional
 
+# the readers and checks of WVB-format records live with the evaluation API (cuma.evaluate.wvb); re-exported here
+from .wvb import (  # noqa: F401
+    REQUIRED_FIELDS,
+    check_profile_index,
+    check_profile_rows,
+    check_record_values,
+    read_records,
+    validate_records,
+)
+
 __all__ = ["add_arguments", "run", "run_wvb", "read_records", "validate_records"]
 
-REQUIRED_FIELDS = (
-    "question_id",
-    "letters",
-    "options",
-    "option_values",
-    "gold_letter",
-    "gold_value",
-    "scale_min",
-    "scale_max",
-    "question",
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -191,7 +190,7 @@ def run_choice(args: argparse.Namespace) -> int:
     choice_path = os.path.join(args.data, f"choice_{args.split}.jsonl")
     numbered = read_jsonl_numbered(choice_path)
     for lineno, r in numbered:
-        _check_profile_index(r, f"{choice_path}:{lineno}: record {r.get('id')!r}")
+        check_profile_index(r, f"{choice_path}:{lineno}: record {r.get('id')!r}")
     raw = [r for _, r in numbered]
     records, dropped = [], {}
     for r in raw:
@@ -293,91 +292,6 @@ def run(args: argparse.Namespace) -> int:
     return int(args._eval_run(args) or 0)
 
 
-# ----------------------------------------------------------------------------------------------- data
-
-
-def read_records(path: str) -> list[dict]:
-    """Records of one JSONL file (docs/data-schema.md); a missing file is a FileNotFoundError, a bad line a
-    ValueError naming ``file:line``."""
-    from ..data.records import read_jsonl
-
-    return read_jsonl(path)
-
-
-def validate_records(records: list[dict], need_profile_index: bool = False) -> tuple[list[dict], dict[str, int]]:
-    """Keep the records that can be scored; returns ``(kept, {reason: count})``."""
-    kept, dropped = [], {}
-
-    def drop(reason: str) -> None:
-        dropped[reason] = dropped.get(reason, 0) + 1
-
-    for rec in records:
-        missing = [k for k in REQUIRED_FIELDS if rec.get(k) is None]
-        if missing:
-            drop(f"missing field {missing[0]}")
-            continue
-        letters = rec["letters"]
-        if not (len(letters) == len(rec["options"]) == len(rec["option_values"])):
-            drop("letters, options and option_values differ in length")
-            continue
-        if len(letters) < 2:
-            drop("fewer than two options")
-            continue
-        if rec["gold_letter"] not in letters:
-            drop("gold_letter not among the letters")
-            continue
-        if rec["option_values"][letters.index(rec["gold_letter"])] != rec["gold_value"]:
-            drop("gold_value is not the value of gold_letter")
-            continue
-        if need_profile_index and rec.get("profile_index") is None:
-            drop("no profile_index (the method routes on profile_embeds)")
-            continue
-        kept.append(rec)
-    return kept, dropped
-
-
-def check_record_values(numbered: list[tuple[int, dict]], path: str) -> None:
-    """Values that would silently corrupt the metrics are errors naming ``file:line``, the record and the field: option
-    values off the question's scale (they would give EMDs above 1) and a ``profile_index`` that is not an integer."""
-    for lineno, rec in numbered:
-        at = f"{path}:{lineno}: record {rec.get('id')!r}"
-        lo, hi, values = rec.get("scale_min"), rec.get("scale_max"), rec.get("option_values")
-        if lo is not None or hi is not None:
-            for name, v in (("scale_min", lo), ("scale_max", hi)):
-                if isinstance(v, bool) or not isinstance(v, int):
-                    raise ValueError(f"{at}: field {name!r} must be an integer, got {v!r}")
-            if lo > hi:
-                raise ValueError(f"{at}: scale_min {lo} is above scale_max {hi}")
-            if isinstance(values, list):
-                numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-                off = [v for v in numbers if not lo <= v <= hi]
-                if off:
-                    raise ValueError(
-                        f"{at}: option_values {values} fall outside [scale_min, scale_max] = [{lo}, {hi}] ({off}); "
-                        "expected every option value on the question's scale"
-                    )
-        _check_profile_index(rec, at)
-
-
-def _check_profile_index(rec: dict, at: str, rows: Optional[int] = None, table: str = "") -> None:
-    idx = rec.get("profile_index")
-    if idx is None:
-        return
-    if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
-        raise ValueError(f"{at}: field 'profile_index' must be a non-negative integer (a row of the profile table), "
-                         f"got {idx!r}")
-    if rows is not None and idx >= rows:
-        raise ValueError(f"{at}: profile_index {idx} is not a row of {table} ({rows} rows, 0..{rows - 1})")
-
-
-def check_profile_rows(numbered: list[tuple[int, dict]], path: str, rows: int, table: str, keep=None) -> None:
-    """Every (kept) record's ``profile_index`` is a row of the profile table ``table`` of ``rows`` rows."""
-    keep_ids = None if keep is None else {id(r) for r in keep}
-    for lineno, rec in numbered:
-        if keep_ids is None or id(rec) in keep_ids:
-            _check_profile_index(rec, f"{path}:{lineno}: record {rec.get('id')!r}", rows, table)
-
-
 # ----------------------------------------------------------------------------------------------- run
 
 
@@ -462,31 +376,28 @@ def _run_wvb(args: argparse.Namespace) -> int:
     import torch
 
     from .. import models
-    from ..data.records import read_jsonl_numbered
+    from ..distributed import init_from_env, rank_and_world
     from ..runinfo import read_json
-    from .choice import compute_metrics
     from .report import atomic_write_json, build_summary, write_predictions_tsv
-    from ..distributed import init_from_env, rank_and_world, score_records_distributed
-    from .scoring import load_profile_table
+    from .wvb import WVBEvalConfig, evaluate_wvb
 
     t0 = time.perf_counter()
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    eval_config = WVBEvalConfig(split=args.split, batch_size=args.batch_size, limit=args.limit,
+                                profile_in_prompt=args.profile_in_prompt, progress=not args.no_progress)
     data = args.data
     if not os.path.isdir(data):
         raise FileNotFoundError(f"data folder {data} does not exist; prepare it with cuma data wvb")
     split_path = os.path.join(data, f"{args.split}.jsonl")
-    numbered = read_jsonl_numbered(split_path)
-    check_record_values(numbered, split_path)
-    raw = [r for _, r in numbered]
-    data_files = [split_path]
+    if not os.path.isfile(split_path):
+        raise FileNotFoundError(f"{split_path} does not exist (--split {args.split})")
     manifest_path = os.path.join(data, "manifest.json")
     manifest = None
     if os.path.isfile(manifest_path):
         manifest = read_json(manifest_path, dict, what="the prepared-data manifest")
-        data_files.append(manifest_path)
 
     torch.manual_seed(args.seed)
     device = _resolve_device(args.device)
@@ -497,71 +408,11 @@ def _run_wvb(args: argparse.Namespace) -> int:
         raise ValueError(str(err)) from err
     t_load = time.perf_counter()
     built, method = _build_method(args, base)
-    model = built.model.to(device).eval()
-    profile_in_prompt = built.profile_in_prompt if args.profile_in_prompt is None else bool(args.profile_in_prompt)
+    built.model.to(device).eval()
+    result = evaluate_wvb(built, tokenizer, data, eval_config)
+    preds, metrics, counts = result.predictions, result.metrics, result.counts
+    profile_in_prompt, model = result.profile_in_prompt, built.model
 
-    records, dropped = validate_records(raw, need_profile_index=built.uses_profile)
-    if args.limit is not None and len(records) > args.limit:
-        dropped[f"beyond --limit {args.limit}"] = len(records) - args.limit
-        records = records[: args.limit]
-    if not records:
-        raise ValueError(f"{split_path}: no records to score (dropped: {dropped or 'none'})")
-
-    profile_table = None
-    if built.uses_profile:
-        emb_path = os.path.join(data, "profile_embeds.safetensors")
-        if not os.path.isfile(emb_path):
-            raise FileNotFoundError(f"method {method!r} routes on the profile but {emb_path} does not exist")
-        profile_table = load_profile_table(emb_path)
-        data_files.append(emb_path)
-        if profile_table.shape[1] != built.profile_dim:
-            raise ValueError(
-                f"{emb_path} holds {profile_table.shape[1]}-d profile embeddings but the adapter was built with "
-                f"profile_dim={built.profile_dim}; prepare the data with the encoder the adapter was trained with"
-            )
-        check_profile_rows(numbered, split_path, profile_table.shape[0], emb_path, keep=records)
-    profiles_path = os.path.join(data, "profiles.jsonl")
-    if os.path.isfile(profiles_path):
-        data_files.append(profiles_path)
-
-    fewshot_pool, fewshot_k, fewshot_key, fewshot_seed = None, 0, "country", args.seed
-    if built.prompt_mode == "fewshot":
-        fewshot_k = int(built.options["k"])
-        fewshot_key = built.options.get("key") or "country"
-        fewshot_seed = int(built.options.get("seed") or 0)
-        train_path = os.path.join(data, "train.jsonl")
-        fewshot_pool, _ = validate_records(read_records(train_path))
-        data_files.append(train_path)
-
-    t_score = time.perf_counter()
-    preds = score_records_distributed(
-        model,
-        tokenizer,
-        records,
-        batch_size=args.batch_size,
-        profile_table=profile_table,
-        profile_in_prompt=profile_in_prompt,
-        fewshot_pool=fewshot_pool,
-        fewshot_k=fewshot_k,
-        fewshot_seed=fewshot_seed,
-        fewshot_key=fewshot_key,
-        progress=not args.no_progress,
-        desc=f"eval {method}",
-    )
-    t_done = time.perf_counter()
-    metrics = compute_metrics(preds)
-
-    counts = {
-        "records_in_split": len(raw),
-        "pairs": len(preds),
-        "questions": len({p["question_id"] for p in preds}),
-        "participants": len({p["participant_id"] for p in preds}),
-        "profiles": len({r.get("profile_index") for r in records if r.get("profile_index") is not None}),
-        "held_out_pairs": sum(1 for p in preds if p["held_out"]),
-        "dropped": dropped,
-        "dropped_total": sum(dropped.values()),
-        "questions_without_emd": metrics["questions"] - metrics["emd"]["questions"],
-    }
     config = {
         "task": "wvb",
         "model": args.model,
@@ -575,8 +426,8 @@ def _run_wvb(args: argparse.Namespace) -> int:
         "profile_in_prompt": profile_in_prompt,
         "profile_in_prompt_trained": built.profile_in_prompt,
         "uses_profile_embeds": built.uses_profile,
-        "fewshot_k": fewshot_k,
-        "fewshot_key": fewshot_key if fewshot_k else None,
+        "fewshot_k": result.fewshot_k,
+        "fewshot_key": result.fewshot_key,
         "seed": args.seed,
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype),
@@ -597,15 +448,15 @@ def _run_wvb(args: argparse.Namespace) -> int:
                                        if k in manifest}
     timing = {
         "load_s": round(t_load - t0, 3),
-        "score_s": round(t_done - t_score, 3),
-        "pairs_per_s": round(len(preds) / max(t_done - t_score, 1e-9), 3),
+        "score_s": round(result.score_seconds, 3),
+        "pairs_per_s": round(len(preds) / max(result.score_seconds, 1e-9), 3),
         "total_s": round(time.perf_counter() - t0, 3),
     }
     summary = build_summary(
         metrics,
         counts=counts,
         config=config,
-        data_files=data_files,
+        data_files=result.data_files,
         seed=args.seed,
         model=model_info,
         method=built.record(),

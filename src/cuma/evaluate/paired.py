@@ -1,8 +1,8 @@
 """Paired comparison of two methods scored on the same pairs: the difference of their accuracies with a percentile
 bootstrap interval over the pairs (both methods resampled together, so the pairs' shared difficulty cancels).
 
-Used by the demo's claims table (``cuma demo``: "CuMA beats LoRA by at least 10 points"), where a difference of two
-accuracies on 100 held-out pairs moves by several points from sampling alone.
+Used by the claims of :mod:`cuma.evaluate.claims` (``cuma demo``: "CuMA beats LoRA by at least 10 points"), where a
+difference of two accuracies on 100 held-out pairs moves by several points from sampling alone.
 """
 
 from __future__ import annotations

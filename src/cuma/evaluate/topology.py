@@ -36,6 +36,7 @@ __all__ = [
     "classical_mds",
     "collect_routing",
     "dendrogram_order",
+    "expert_load_by_group",
     "group_key",
     "human_distance_matrix",
     "human_distributions",
@@ -43,9 +44,12 @@ __all__ = [
     "normalized_entropy",
     "pairwise_js",
     "pearson",
+    "per_layer_load",
     "plot_dendrogram",
     "plot_group_map",
     "plot_load_heatmap",
+    "routing_map",
+    "routing_similarity",
     "select_layers",
     "spearman",
     "topology_correlation",
@@ -522,6 +526,55 @@ def dendrogram_order(z: np.ndarray, n: int) -> list[int]:
 
     return leaves(n + len(z) - 1)
 
+
+
+# ------------------------------------------------------------------------------------------------- routing maps
+
+
+def per_layer_load(stats: RoutingStats) -> dict[str, dict[str, list[float]]]:
+    """``{group: {projection: [N]}}``: each group's mean gate per expert in every routed projection (expert i of one
+    projection has nothing to do with expert i of another)."""
+    return {c: {name: stats.mean_gate[l, k].tolist() for l, name in enumerate(stats.layers)}
+            for k, c in enumerate(stats.groups)}
+
+
+def routing_similarity(per_layer: Mapping[str, Mapping[str, Sequence[float]]]) -> tuple[list[str], list[list[float]]]:
+    """Cosine similarity between groups of their routing (every projection's expert load, centred over groups and
+    concatenated): near 1 for groups routed alike. Returns ``(sorted groups, similarity matrix)``."""
+    import torch
+
+    groups = sorted(per_layer)
+    layers = sorted(next(iter(per_layer.values())))
+    mat = torch.tensor([[x for name in layers for x in per_layer[g][name]] for g in groups])
+    mat = torch.nn.functional.normalize(mat - mat.mean(0, keepdim=True), dim=-1)
+    return groups, (mat @ mat.T).tolist()
+
+
+def routing_map(stats: RoutingStats, held_out: Sequence[str] = ()) -> dict[str, Any]:
+    """A routing map from pooled gates (JSON-ready): every group's expert load in the projection whose load differs
+    most between groups (the clearest view of a single router), the load averaged over projections, and the groups'
+    routing similarity over all projections (:func:`routing_similarity`). ``held_out``: the groups held out of
+    training, recorded with the map."""
+    per_layer = per_layer_load(stats)
+    groups, similarity = routing_similarity(per_layer)
+    spread = {name: float(stats.mean_gate[l].std(0).mean()) for l, name in enumerate(stats.layers)}
+    clearest = max(spread, key=spread.get)
+    return {"countries": groups, "held_out": list(held_out), "similarity": similarity, "layer": clearest,
+            "load": {g: per_layer[g][clearest] for g in groups},
+            "mean_load": {g: stats.mean_gate[:, k].mean(0).tolist() for k, g in enumerate(stats.groups)}}
+
+
+def expert_load_by_group(model, tokenizer, records: Sequence[Mapping[str, Any]], *, group_field: str = "country",
+                         profile_table: Any = None, profile_in_prompt: bool = True, per_group: int = 16,
+                         per_layer: bool = False) -> dict:
+    """Mean gate per expert (over non-pad tokens) for up to ``per_group`` prompts of each group: averaged over every
+    routed projection (``{group: [N]}``), or one vector per projection (``per_layer``: ``{group: {projection:
+    [N]}}``). ``profile_table`` None for routers that see only tokens (semantic-only)."""
+    stats = collect_routing(model, tokenizer, records, group_field=group_field, profile_table=profile_table,
+                            profile_in_prompt=profile_in_prompt, limit=per_group)
+    if per_layer:
+        return per_layer_load(stats)
+    return {g: stats.mean_gate[:, k].mean(0).tolist() for k, g in enumerate(stats.groups)}
 
 # ------------------------------------------------------------------------------------------------- figures
 

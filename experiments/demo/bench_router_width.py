@@ -1,7 +1,7 @@
 """The demo's training step and scoring forward with CuMA's routers 256 wide (the paper's absolute width) and 64 wide
 (the paper's bottleneck ratio on SmolLM2), beside LoRA, side by side in one run.
 
-    python benchmarks/bench_router_width.py [--quick] [--threads 1] [--reps 4] [--json PATH]
+    python experiments/demo/bench_router_width.py [--quick] [--threads 1] [--reps 4] [--json PATH]
 
 The paper's router is Linear(d_in + d_profile -> 256), ReLU, Linear(256 -> N). On Qwen3-8B (d_in 4096, MiniLM
 profile 384) that first layer is a 17.5x bottleneck; on SmolLM2-135M (d_in 576) the same 256 is a 3.75x
@@ -22,7 +22,8 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the benchmarks' timing helpers and the demo batches of benchmarks/bench_demo_step.py
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
 
 import torch
 
@@ -48,7 +49,7 @@ def main() -> None:
     fns, params = {}, {}
     variants = [("lora", None)] + [(m, w) for m in ("cuma-semantic", "cuma") for w in WIDTHS]
     for method, width in variants:
-        options = demo._method_options(method, "fast")
+        options = demo.method_options(method, "fast")
         if width is not None:
             options["router_hidden"] = width
         built = methods.build(method, load_base("smollm2-135m"), **options)

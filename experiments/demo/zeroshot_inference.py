@@ -8,9 +8,9 @@ weights untouched:
   of a held-out one is a zone-mate for 95-100% of them). 0 = its own embedding (what CuMA does).
 - ``--top-k n``: the routers' top-k at inference (the adapter was trained with 2).
 
-    python benchmarks/demo_investigation.py --steps 50 --data runs/inv/data_s --valid-limit 200 --seed 0 \\
+    python experiments/demo/demo_investigation.py --steps 50 --data runs/inv/data_s --valid-limit 200 --seed 0 \\
         --work runs/zs/p0s0 --runs lin_fastc_rlr6e-3_lr2e-3_split2:cuma
-    python benchmarks/zeroshot_inference.py --data runs/inv/data_s --valid-limit 200 \\
+    python experiments/demo/zeroshot_inference.py --data runs/inv/data_s --valid-limit 200 \\
         --adapter runs/zs/p0s0/lin_fastc_rlr6e-3_lr2e-3_split2/adapters/cuma --neighbours 0,1,5 --top-k 2,1,8
 
 One JSON row per setting: seen-country accuracy, EMD and entropy, zero-shot accuracy and EMD (held-out countries),
@@ -33,7 +33,7 @@ from cuma.evaluate.scoring import score_records
 from cuma.models import load_base_and_tokenizer
 from cuma.runinfo import atomic_write_json
 
-from _common import valid_subset
+from _shared import valid_subset
 
 
 def neighbour_table(profile_embeds: torch.Tensor, train_rows: list[int], k: int) -> torch.Tensor:

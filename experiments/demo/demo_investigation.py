@@ -2,8 +2,8 @@
 demo's training settings, measured on the VALID split of the demo's synthetic population (the test split is never
 used to choose settings).
 
-    python benchmarks/demo_investigation.py --prepare-only --data runs/inv/data
-    python benchmarks/demo_investigation.py --data runs/inv/data --runs paper:cuma,paper:lora --steps 60 \\
+    python experiments/demo/demo_investigation.py --prepare-only --data runs/inv/data
+    python experiments/demo/demo_investigation.py --data runs/inv/data --runs paper:cuma,paper:lora --steps 60 \\
         --eval-at 0,15,30,60 --json runs/inv/paper.json
 
 Each run trains one method with the demo's data, batch size and constant learning rate; at every step of
@@ -37,9 +37,10 @@ from transformers import TrainerCallback
 from cuma import demo, methods
 from cuma.data.records import load_prepared
 from cuma.routing import Router, rms_normalise
+from cuma.evaluate.topology import expert_load_by_group, routing_similarity
 from cuma.train.callbacks import ValidationCurve
 
-from _common import valid_subset
+from _shared import valid_subset
 
 # shared building blocks: a linear schedule at one lr, fast conditioning without / with the centred profile input,
 # the upper half of the layers
@@ -56,7 +57,7 @@ _BF16 = {"dtype": "bfloat16", "attn_implementation": "eager", "split_by_length":
 # does not apply to it and is dropped for that method, e.g. the routing options for LoRA)
 VARIANTS = {
     "paper": {},  # the paper's CuMA: raw concat(h_t, e_d), default init
-    "base": {},  # the 2026-11-28 name of "paper" (benchmarks/demo_sweep_gpu.sh waves 1 and 2)
+    "base": {},  # the 2026-11-28 name of "paper" (experiments/demo/demo_sweep_gpu.sh waves 1 and 2)
     "router5e-3": {"cfg": {"router_learning_rate": 5e-3}},
     "b4lr2e-3": {"cfg": {"batch_size": 4, "learning_rate": 2e-3}},
     "lr1e-3": {"cfg": {"learning_rate": 1e-3}},
@@ -222,9 +223,9 @@ def load_summary(model, tokenizer, data, table, profile_in_prompt: bool, zone_of
     """Country-level routing: spread of the per-layer expert load between seen countries (mean over layers and
     experts of max - min), mean routing similarity within / across zones, and for each held-out country whether the
     seen country it is routed most alike is of its own zone."""
-    per_layer = demo.expert_load_by_country(model, tokenizer, data.valid, table, profile_in_prompt,
-                                            per_country=per_country, per_layer=True)
-    countries, sim = demo.routing_similarity(per_layer)
+    per_layer = expert_load_by_group(model, tokenizer, data.valid, profile_table=table,
+                                     profile_in_prompt=profile_in_prompt, per_group=per_country, per_layer=True)
+    countries, sim = routing_similarity(per_layer)
     layers = sorted(next(iter(per_layer.values())))
     seen = [c for c in countries if c not in HELD]
     spread = []
@@ -355,7 +356,7 @@ def main() -> None:
             extra=extra,
         )
         callbacks = [curve] + ([grads] if args.diagnose and routed else [])
-        demo._train(cfg, method, prepared, work / variant / "adapters" / method, options=options, callbacks=callbacks)
+        demo.train_method(cfg, method, prepared, work / variant / "adapters" / method, options=options, callbacks=callbacks)
 
 
 if __name__ == "__main__":

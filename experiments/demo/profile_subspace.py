@@ -1,6 +1,6 @@
 """How much of a profile's centred embedding lies on the directions the training profiles span?
 
-    python benchmarks/profile_subspace.py --data runs/inv/data_s/prepared
+    python experiments/demo/profile_subspace.py --data runs/inv/data_s/prepared
 
 For k leading principal directions of the distinct training profiles' centred embeddings (what
 ``router_profile_subspace=k`` keeps): the share of the training variance they hold, and the mean share of the squared

@@ -2,7 +2,7 @@
 they are and again with the country swapped for each seen country of the same zone (in the prompt and in the profile
 embedding, re-encoded by the same frozen encoder). No training; the demo's adapters are reused.
 
-    python benchmarks/demo_name_swap.py --work runs/demo --methods cuma,lora
+    python experiments/demo/demo_name_swap.py --work runs/demo --methods cuma,lora
 
 With a zone-mate's name a model is asked about a country it was trained on, with everything else of the participant
 unchanged: the difference to the unswapped accuracy is what the unseen name costs; the difference to the held-out

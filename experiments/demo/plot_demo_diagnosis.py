@@ -1,6 +1,6 @@
 """Figure of the router diagnosis (docs/demo.md section 1) from rows written by demo_investigation.py --diagnose.
 
-    python benchmarks/plot_demo_diagnosis.py runs/inv/e1a.json docs/img/demo_router_parts.png
+    python experiments/demo/plot_demo_diagnosis.py runs/inv/e1a.json docs/img/demo_router_parts.png
 
 Per adapted projection (model order: layer 0 q_proj, layer 0 v_proj, ...): the RMS of the token part and of the
 profile part of the router's first pre-activation, and the spread of the profile part between profiles, for every

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The sweep behind docs/demo.md's "longer training" table: the demo's methods and variants trained for hundreds of
 # steps on one GPU, every run in its own process (a 135M model leaves the GPU mostly idle, so runs share it), scored
-# on the VALID split only (benchmarks/demo_investigation.py). Rows merge into OUT_DIR/sweep.json.
-#   python benchmarks/demo_investigation.py --prepare-only --data DATA/d480 --valid-pairs 600
-#   python benchmarks/demo_investigation.py --prepare-only --data DATA/d3000 --train-pairs 3000 --valid-pairs 600
-#   bash benchmarks/demo_sweep_gpu.sh DATA OUT_DIR [SECONDS] [WAVE]
+# on the VALID split only (experiments/demo/demo_investigation.py). Rows merge into OUT_DIR/sweep.json.
+#   python experiments/demo/demo_investigation.py --prepare-only --data DATA/d480 --valid-pairs 600
+#   python experiments/demo/demo_investigation.py --prepare-only --data DATA/d3000 --train-pairs 3000 --valid-pairs 600
+#   bash experiments/demo/demo_sweep_gpu.sh DATA OUT_DIR [SECONDS] [WAVE]
 # SECONDS (default 300) bounds the whole sweep; each run writes its rows as it goes, so a cut keeps what was measured.
 # WAVE 1 (default): hundreds of steps, the variants of the first investigation, 480 and 3000 training pairs;
 # WAVE 2: budgets a 2-core CPU can afford (batch 4, 50-150 steps; larger learning rates) and a second training seed.
@@ -27,13 +27,13 @@ $PY -c "from cuma.models import load_base_and_tokenizer as f; f('smollm2-135m')"
 launch() {  # name data steps eval_at variant:method [more demo_investigation options]
     local name=$1 data=$2 steps=$3 at=$4 run=$5
     shift 5
-    timeout "$LIMIT" $PY benchmarks/demo_investigation.py --data "$DATA/$data" --steps "$steps" --eval-at "$at" \
+    timeout "$LIMIT" $PY experiments/demo/demo_investigation.py --data "$DATA/$data" --steps "$steps" --eval-at "$at" \
         --runs "$run" --work "$OUT_DIR/work_$name" --json "$OUT_DIR/rows_$name.json" "$@" >"$OUT_DIR/$name.log" 2>&1 &
 }
 if [ "$WAVE" = 3 ]; then
     # docs/demo.md section 6: the paper's router against fast conditioning on the demo's population, at the demo's
     # budget and at 300 steps (linear schedule over each run, the demo's learning rates), valid split.
-    #   python benchmarks/demo_investigation.py --prepare-only --data DATA/demo --valid-pairs 300
+    #   python experiments/demo/demo_investigation.py --prepare-only --data DATA/demo --valid-pairs 300
     for steps in 40 300; do
         launch "d_paper_$steps" demo $steps $steps lin_paper_lr2e-3:cuma --valid-limit 200
         launch "d_fast_$steps" demo $steps $steps lin_fast_lr2e-3:cuma --valid-limit 200
