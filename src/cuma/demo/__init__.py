@@ -19,7 +19,15 @@ Library use::
 from __future__ import annotations
 
 from .cli import add_arguments, config_from_args, run
-from .config import CUMA_FAST_OPTIONS, DEMO_PROFILE_FIELDS, DEMO_ZONES, DemoConfig, has_routers, method_options
+from .config import (
+    CUMA_FAST_OPTIONS,
+    DEMO_PROFILE_FIELDS,
+    DEMO_ZONES,
+    METHOD_LABELS,
+    DemoConfig,
+    has_routers,
+    method_options,
+)
 from .recipe import (
     curve_steps,
     evaluate_method,
@@ -30,7 +38,7 @@ from .recipe import (
     train_method,
     training_config,
 )
-from .report import METHOD_LABELS, claim_row, command_line
+from .report import claim_row, command_line
 
 __all__ = [
     "CUMA_FAST_OPTIONS",

@@ -13,10 +13,22 @@ __all__ = [
     "CUMA_FAST_OPTIONS",
     "DEMO_PROFILE_FIELDS",
     "DEMO_ZONES",
+    "METHOD_COLORS",
+    "METHOD_LABELS",
     "DemoConfig",
+    "device",
     "has_routers",
     "method_options",
 ]
+
+# how the report and the figures name and colour each method
+METHOD_LABELS = {
+    "persona": "untrained + persona prompt",
+    "lora": "LoRA",
+    "cuma-semantic": "semantic-only CuMA",
+    "cuma": "CuMA",
+}
+METHOD_COLORS = {"persona": "#999999", "lora": "#4c72b0", "cuma-semantic": "#dd8452", "cuma": "#55a868"}
 
 # the demo's population: five Inglehart-Welzel zones that a sentence encoder tells apart, four countries each
 DEMO_ZONES = ("Protestant Europe", "Orthodox Europe", "Confucian", "African-Islamic", "Latin America")
@@ -95,6 +107,13 @@ class DemoConfig:
 
     def learning_rate_of(self, method: str) -> float:
         return self.method_learning_rates.get(method, self.learning_rate)
+
+
+def device():
+    """Where the demo runs: the trainer picks a GPU by itself, evaluation follows it."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def has_routers(method: str) -> bool:

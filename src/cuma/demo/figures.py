@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import METHOD_LABELS
+from .config import METHOD_COLORS, METHOD_LABELS
 
-__all__ = ["METHOD_COLORS", "write_figures"]
-
-METHOD_COLORS = {"persona": "#999999", "lora": "#4c72b0", "cuma-semantic": "#dd8452", "cuma": "#55a868"}
+__all__ = ["write_figures"]
 
 
 def write_figures(out: Path, summary: dict, results: dict, truth: dict, routing) -> list[str]:

@@ -22,13 +22,12 @@ from typing import Any, Optional
 import torch
 
 from ..runinfo import atomic_write_text, environment_record
-from .config import DemoConfig, has_routers, method_options
-from .report import METHOD_LABELS, write_report
+from .config import METHOD_LABELS, DemoConfig, device, has_routers, method_options
+from .report import write_report
 
 __all__ = [
     "Progress",
     "curve_steps",
-    "device",
     "evaluate_method",
     "held_out_countries",
     "load_base",
@@ -172,11 +171,6 @@ def prepare_data(cfg: DemoConfig, folder: Path) -> tuple[Path, dict, list[str]]:
         held_out_pairs={"test": cfg.held_out_test_pairs, "valid": cfg.held_out_valid_pairs}, overwrite=True,
     )  # fmt: skip
     return prepared, truth, held
-
-
-def device() -> torch.device:
-    """Where the demo evaluates: the trainer picks a GPU by itself, evaluation follows it."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_base(cfg: DemoConfig):

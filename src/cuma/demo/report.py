@@ -7,16 +7,10 @@ import json
 from pathlib import Path
 
 from ..runinfo import atomic_write_text
-from .config import DemoConfig, has_routers
+from .config import METHOD_LABELS, DemoConfig, device, has_routers
+from .figures import write_figures
 
-__all__ = ["METHOD_LABELS", "claim_row", "command_line", "write_report"]
-
-METHOD_LABELS = {
-    "persona": "untrained + persona prompt",
-    "lora": "LoRA",
-    "cuma-semantic": "semantic-only CuMA",
-    "cuma": "CuMA",
-}
+__all__ = ["claim_row", "command_line", "write_report"]
 
 
 def claim_row(c: dict) -> str:
@@ -40,8 +34,6 @@ def _fmt(value, pct=False, digits=3):
 
 def write_report(cfg: DemoConfig, out: Path, summary: dict, results: dict, truth: dict, routing) -> None:
     """Write ``out/report.md``, its figures and ``out/results.json`` (``summary``, as :func:`~cuma.demo.run_demo` built it)."""
-    from .figures import write_figures
-
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(out, summary, results, truth, routing)
     o_seen, o_held = summary["oracle"]["seen"], summary["oracle"]["held_out"]
@@ -141,7 +133,6 @@ def command_line(cfg: DemoConfig) -> str:
         value, default_value = getattr(cfg, name), getattr(default, name)
         if name == "dtype":  # "auto" resolves on this machine; name it only where the run's precision differs
             from ..models import resolve_dtype_name
-            from .recipe import device
 
             value, default_value = resolve_dtype_name(value, device()), resolve_dtype_name(default_value, device())
         if value != default_value:

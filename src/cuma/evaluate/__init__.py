@@ -1,4 +1,6 @@
-"""Evaluation: choice metrics (``choice``), model scoring of option letters (``scoring``), report writers
+"""Evaluation: the WVB evaluation API (``wvb``: :func:`evaluate_wvb`, what ``cuma eval wvb``, ``cuma demo`` and the
+benchmarks call), choice metrics (``choice``), model scoring of option letters (``scoring``), multi-process scoring
+(``distributed``), the paper's claims (``claims``, ``paired``), routing maps (``topology``), report writers
 (``report``) and the ``cuma eval`` command (``cli``). See ``docs/evaluation.md`` for the protocol and formulas.
 
 ``choice`` and ``report`` are numpy-only; ``scoring`` imports torch when used.
@@ -29,6 +31,10 @@ from .choice import (
 
 
 def __getattr__(name):
+    if name in ("evaluate_wvb", "WVBEvalConfig", "WVBEvalResult"):
+        from . import wvb
+
+        return getattr(wvb, name)
     if name in ("score_records", "score_prompts", "answer_positions", "build_prompts", "load_profile_table"):
         from . import scoring
 
@@ -39,6 +45,8 @@ def __getattr__(name):
 __all__ = [
     "EMD_THRESHOLDS",
     "MIN_SUBGROUP_SIZE",
+    "WVBEvalConfig",
+    "WVBEvalResult",
     "accuracy",
     "answer_positions",
     "build_prompts",
@@ -47,6 +55,7 @@ __all__ = [
     "emd_expected_per_question",
     "emd_per_question",
     "emd_summary",
+    "evaluate_wvb",
     "group_accuracy",
     "load_profile_table",
     "macro_f1",

@@ -58,7 +58,8 @@ def paper_claims(results: Mapping[str, Mapping[str, Any]], seed: int = 0) -> lis
     claims += [
         accuracy_claim("CuMA's zero-shot accuracy >= LoRA's + 10 points (held-out countries)", preds["cuma"],
                        preds["lora"], True, 0.10, seed),
-        {"claim": "CuMA's entropy below LoRA's (mean collapse mitigated)", "measured": cuma["entropy"] - lora["entropy"],
-         "target": 0.0, "met": cuma["entropy"] < lora["entropy"], "kind": "entropy difference"},
+        {"claim": "CuMA's entropy below LoRA's (mean collapse mitigated)",
+         "measured": cuma["entropy"] - lora["entropy"], "target": 0.0, "met": cuma["entropy"] < lora["entropy"],
+         "kind": "entropy difference"},
     ]
     return [c for c in claims if c is not None]

@@ -43,7 +43,8 @@ class WVBEvalConfig:
     split: str = "test"  # which split of the prepared data (train, valid, test)
     batch_size: int = 32  # prompts per forward
     limit: Optional[int] = None  # score only the first N scorable records (the rest are counted as dropped)
-    profile_in_prompt: Optional[bool] = None  # profile sentence in the system prompt; None: what the method was trained with
+    # the profile sentence in the system prompt; None: what the method was trained with
+    profile_in_prompt: Optional[bool] = None
     per_question: bool = True  # per-question blocks (accuracy, F1, EMD per question) in the metrics
     progress: bool = True  # progress bar on stderr
     desc: Optional[str] = None  # the progress bar's label (default: "eval METHOD")
