@@ -248,6 +248,13 @@ def test_evaluate_wvb_is_what_the_cli_scores(workspace, tmp_path):
     assert result.counts["dropped"] == {"gold_letter not among the letters": 1}
     assert len(result.held_out) == 6 and len(result.seen) == 12
     assert any(f.endswith("profile_embeds.safetensors") for f in result.data_files)
+    # data already loaded (what the demo passes) scores the same
+    from cuma.data.records import load_prepared
+
+    loaded = evaluate_wvb(built, tokenizer, load_prepared(ws["data"], validate=False), WVBEvalConfig(batch_size=4,
+                                                                                                 progress=False))
+    assert [p["probs"] for p in loaded.predictions] == [p["probs"] for p in result.predictions]
+    assert loaded.counts["dropped"] == result.counts["dropped"]
     # a limit is counted as dropped; the profile switched off in the prompt is scored so and reported
     short = evaluate_wvb(built, tokenizer, ws["data"], WVBEvalConfig(limit=5, profile_in_prompt=False, progress=False))
     assert len(short.predictions) == 5 and short.counts["dropped"]["beyond --limit 5"] == 13
