@@ -146,8 +146,13 @@ def evaluate_wvb(model, tokenizer, data, config: Optional[WVBEvalConfig] = None,
     net.eval()
     if routing is None:
         preds = score_records_distributed(net, tokenizer, records, **score)
-    else:  # the gates of every forward, pooled by the records' groups (one process: the accumulator sees every row)
+    else:  # the gates of every forward, pooled by the records' groups
+        from ..distributed import rank_and_world
         from ..routing import record_gates
+
+        if rank_and_world()[1] > 1:
+            raise ValueError("routing: pooling the gates of an evaluation runs in one process (each rank would see only "
+                             "its own slice); run the routing map without torchrun, or use cuma analyze routing")
 
         with record_gates(net) as rec:
             preds = score_records_distributed(
