@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     sft.add_argument("--config", help="YAML config (configs/wvb/*.yaml); defaults apply when omitted")
     sft.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    sft.add_argument("--method-options", metavar="METHOD",
+                     help="print the options of METHOD (type, default, what it does) and exit")
     for name, text in (
         ("dpo", "conditional DPO from a `cuma train sft` output (reference = the SFT policy)"),
         ("grpo", "conditional GRPO from a `cuma train sft` output, rewarded by the profile-aware judge"),
@@ -32,6 +34,11 @@ def run(args: argparse.Namespace) -> int:
     if args.train_command == "sft":
         from .config import SFTRunConfig
 
+        if args.method_options:
+            from ..methods.describe import options_text
+
+            print(options_text(args.method_options))
+            return 0
         cfg = load_config(SFTRunConfig, args.config, args.overrides)
         if args.print_config:
             print(dump_yaml(cfg), end="")
