@@ -184,3 +184,29 @@ def test_conditioning_from_the_command_line_and_yaml(tmp_path):
     assert resolved["router_token_init_scale"] == 0.1
     with pytest.raises(ValueError, match="'conditioning' of method 'cuma' must be one of"):
         methods.resolve_options("cuma", {"conditioning": "fastest"})
+
+
+# ------------------------------------------------------------------------------- the default of `cuma train sft`
+def test_cuma_train_sft_trains_the_fast_router_where_the_config_leaves_it_unset():
+    from cuma.train.cli import SFT_DEFAULT_CONDITIONING, apply_sft_defaults
+
+    assert SFT_DEFAULT_CONDITIONING == "fast"
+    cfg = load_config(SFTRunConfig, None, ["--method.name", "cuma", "--train.learning_rate", "2e-3"])
+    assert apply_sft_defaults(cfg) == {"method.options.conditioning": "fast", "train.router_learning_rate": 6e-3}
+    assert cfg.method.options["conditioning"] == "fast" and cfg.train.router_learning_rate == 6e-3
+    # an explicit choice is kept: the paper's router at the main lr, or fast with its own router lr
+    paper = load_config(SFTRunConfig, "configs/wvb/cuma_r8.yaml")
+    assert apply_sft_defaults(paper) == {} and paper.train.router_learning_rate is None
+    own = load_config(SFTRunConfig, None, ["--method.options.conditioning", "fast", "--train.router_learning_rate", "1e-3"])
+    assert apply_sft_defaults(own) == {} and own.train.router_learning_rate == 1e-3
+    # methods without a router preset are untouched
+    lora = load_config(SFTRunConfig, None, ["--method.name", "lora"])
+    assert apply_sft_defaults(lora) == {} and lora.method.options == {}
+
+
+def test_print_config_shows_the_sft_default(capsys):
+    from cuma.cli import main
+
+    assert main(["train", "sft", "--print-config", "--method.name", "cuma-semantic"]) == 0
+    out = capsys.readouterr().out
+    assert "conditioning: fast" in out and "router_learning_rate: 6.0e-05" in out
