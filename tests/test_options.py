@@ -151,6 +151,10 @@ def test_build_with_fast_conditioning_records_resolved_values_and_reloads(tmp_pa
     assert torch.equal(profile_stats(again.model, "default").center, profile_stats(built.model, "default").center)
     out = again.model(input_ids=ids, attention_mask=mask, profile_embeds=profiles()).logits
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    # the weights file alone carries the fitted centre into a freshly built model too
+    fresh = methods.build("cuma", tiny_llama(), conditioning="fast", init_weights=False, **TINY)
+    methods.load_weights(fresh, tmp_path)
+    assert torch.equal(profile_stats(fresh.model, "default").center, profile_stats(built.model, "default").center)
 
 
 def test_paper_conditioning_is_the_papers_router():
