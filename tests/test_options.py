@@ -40,6 +40,9 @@ def test_cuma_config_and_registry_give_the_same_scaling(r):
     config = built.model.peft_config["default"]
     assert cuma.CuMAConfig(r=r).lora_alpha == config.lora_alpha == built.options["lora_alpha"] == 2 * r
     assert cuma.CuMAConfig(r=r).scaling == config.scaling == 2.0
+    # the command line goes through the same registry
+    cli = load_config(SFTRunConfig, None, ["--method.name", "cuma", "--method.options.r", str(r)])
+    assert methods.resolve_options("cuma", cli.method.options)["lora_alpha"] == 2 * r
     # an explicit alpha wins in both
     assert cuma.CuMAConfig(r=r, lora_alpha=16).scaling == 16 / r
     assert methods.build("cuma", tiny_llama(), r=r, lora_alpha=16, **TINY).model.peft_config["default"].scaling == 16 / r
