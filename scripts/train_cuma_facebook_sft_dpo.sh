@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # CuMA r=8 on Community Alignment (facebook/community-alignment-dataset): SFT, then DPO (beta 0.1).
+# Reproduces the paper: the SFT config keeps the paper's router (method.options.conditioning: paper); for the recommended
+# router add --method.options.conditioning fast --train.router_learning_rate 6e-5 (3x the SFT lr; docs/cuma.md).
 # Stage 1: SFT (configs/ca/cuma_r8_sft.yaml) into $OUT/sft (skip with SKIP_SFT=1); stage 2: DPO from that adapter, the reference
 # being the SFT policy (configs/ca/cuma_r8_dpo.yaml), into $OUT/dpo. Env: MODEL, DATA, OUT (default runs/ca/cuma_r8), NUM_GPUS,
 # ACCELERATE_CONFIG. Extra arguments override both stages (e.g. --train.max_steps 10).

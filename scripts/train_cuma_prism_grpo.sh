@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # CuMA r=8 on PRISM: SFT, then GRPO rewarded by the profile-aware pairwise judge (reward.* in the config).
+# Reproduces the paper: the SFT config keeps the paper's router (method.options.conditioning: paper); for the recommended
+# router add --method.options.conditioning fast --train.router_learning_rate 6e-5 (3x the SFT lr; docs/cuma.md).
 # Stage 1: SFT (configs/prism/cuma_r8_sft.yaml) into $OUT/sft (skip with SKIP_SFT=1); stage 2: GRPO from that adapter, the reference
 # being the SFT policy (configs/prism/cuma_r8_grpo.yaml), into $OUT/grpo. Env: MODEL, DATA, OUT (default runs/prism/cuma_r8), NUM_GPUS,
 # ACCELERATE_CONFIG. Extra arguments override both stages (e.g. --train.max_steps 10).

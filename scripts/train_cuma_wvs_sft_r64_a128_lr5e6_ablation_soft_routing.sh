@@ -1,3 +1,4 @@
 #!/usr/bin/env bash
 # ablation: dense soft routing over all experts. Env: MODEL, DATA, OUT, NUM_GPUS, ACCELERATE_CONFIG; extra args override the config.
+# Reproduces the paper: the config keeps the paper's router (method.options.conditioning: paper); train_cuma_wvs_sft_fast.sh trains the recommended one.
 exec "$(dirname "$0")/_launch.sh" configs/wvb/cuma_r64_soft.yaml "$@"

@@ -115,3 +115,32 @@ def test_authors_script_names_exist_and_point_at_real_configs(name):
     for token in text.split():
         if token.startswith("configs/"):
             assert os.path.isfile(token.strip('"')), token
+
+
+PAPER_CUMA_CONFIGS = [f for f in CONFIGS + sorted(glob.glob("configs/*/cuma_*_sft.yaml"))
+                      if os.path.basename(f).startswith("cuma") and "_fast" not in f]
+FAST_CONFIGS = sorted(glob.glob("configs/*/cuma_*_fast*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER_CUMA_CONFIGS)
+def test_configs_that_reproduce_the_paper_keep_the_papers_router(path):
+    cfg = load_config(SFTRunConfig, path)
+    resolved = methods.resolve_options(cfg.method.name, cfg.method.options)
+    assert resolved["conditioning"] == "paper" and resolved["router_input_norm"] == "none"
+    assert resolved["router_token_init_scale"] == 1.0 and cfg.train.router_learning_rate is None
+    assert "paper's router" in open(path).read()
+
+
+@pytest.mark.parametrize("path", FAST_CONFIGS)
+def test_fast_configs_give_the_recommended_router_at_the_recommended_router_lr(path):
+    from cuma.tuners.cuma.config import CONDITIONING_PRESETS, FAST_ROUTER_LR_RATIO
+
+    cfg = load_config(SFTRunConfig, path)
+    resolved = methods.resolve_options(cfg.method.name, cfg.method.options)
+    assert {k: resolved[k] for k in CONDITIONING_PRESETS["fast"]} == CONDITIONING_PRESETS["fast"]
+    assert cfg.train.router_learning_rate == pytest.approx(FAST_ROUTER_LR_RATIO * cfg.train.learning_rate)
+
+
+def test_there_are_fast_configs():
+    assert {"configs/wvb/cuma_r8_fast.yaml", "configs/wvb/cuma_r64_fast.yaml"} <= set(FAST_CONFIGS)
+    assert os.path.isfile("scripts/train_cuma_wvs_sft_fast.sh")

@@ -9,6 +9,7 @@ from conftest import batch, profiles, tiny_llama
 
 import cuma
 from cuma.train.preference import fit_profile_centers
+from cuma.tuners.cuma.model import profile_stats
 
 D = 16
 
@@ -49,15 +50,53 @@ def test_unfitted_centre_is_a_clear_error():
         logits(centred, profiles())
 
 
-def test_centre_saved_in_adapter_config_and_reloaded(tmp_path):
+def test_centre_saved_with_the_adapter_weights_and_reloaded_bit_exact(tmp_path):
+    from safetensors.torch import load_file
+
     _, centred = pair()
     cuma.fit_profile_center(centred, profiles(5) + 1.0)
+    center = profile_stats(centred, "default").center
     ref = logits(centred, profiles())
     centred.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["router_profile_center"] == "train" and len(saved["profile_center"]) == D
+    assert saved["router_profile_center"] == "train" and saved["profile_center"] is None  # not a float list any more
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    assert torch.equal(weights["base_model.cuma_profile_stats.center"], center)
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert torch.equal(profile_stats(loaded, "default").center, center)
     torch.testing.assert_close(logits(loaded, profiles()), ref, rtol=0, atol=0)
+
+
+def test_an_adapter_saved_with_the_centre_in_its_config_still_loads(tmp_path):
+    """Adapters saved before the centre became a buffer kept it as a float list in adapter_config.json."""
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    _, centred = pair()
+    cuma.fit_profile_center(centred, profiles(5) + 1.0)
+    center = profile_stats(centred, "default").center
+    ref = logits(centred, profiles())
+    centred.save_pretrained(tmp_path)
+    # rewrite the save into the old layout: the centre in the config, not in the weights file
+    config_file = tmp_path / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    saved["profile_center"] = center.tolist()
+    config_file.write_text(json.dumps(saved))
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    del weights["base_model.cuma_profile_stats.center"]
+    save_file(weights, tmp_path / "adapter_model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "missing adapter keys" for the centre it read from the config
+        loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert torch.equal(profile_stats(loaded, "default").center, center)
+    assert loaded.peft_config["default"].profile_center is None  # moved to the buffer
+    torch.testing.assert_close(logits(loaded, profiles()), ref, rtol=0, atol=0)
+    # saved again, it is in the new layout
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["profile_center"] is None
+    again = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert torch.equal(again["base_model.cuma_profile_stats.center"], center)
 
 
 def test_recipe_fits_once_per_distinct_training_profile_and_keeps_a_fitted_centre():
@@ -66,9 +105,9 @@ def test_recipe_fits_once_per_distinct_training_profile_and_keeps_a_fitted_centr
     records = [{"profile_index": 0}, {"profile_index": 0}, {"profile_index": 0}, {"profile_index": 2}]
     assert fit_profile_centers(centred, records, table, None) == ["default"]
     expected = table[[0, 2]].mean(0)  # profile 0 counts once, profile 1 (not in training) not at all
-    assert torch.allclose(torch.tensor(centred.peft_config["default"].profile_center), expected)
+    assert torch.allclose(profile_stats(centred, "default").center, expected)
     assert fit_profile_centers(centred, [{"profile_index": 1}], table, None) == []  # already fitted: kept
-    assert torch.allclose(torch.tensor(centred.peft_config["default"].profile_center), expected)
+    assert torch.allclose(profile_stats(centred, "default").center, expected)
 
 
 def test_bad_centre_options_are_named():

@@ -10,6 +10,7 @@ from conftest import batch, profiles, tiny_llama
 
 import cuma
 from cuma.train.preference import fit_profile_centers
+from cuma.tuners.cuma.model import profile_stats
 
 D = 16
 
@@ -46,7 +47,7 @@ def test_basis_is_orthonormal_and_spans_the_training_profiles():
     _, projected = pair(k=5)
     table, directions = low_rank_profiles(rank=3)
     assert cuma.fit_profile_center(projected, table) == ["default"]
-    basis = torch.tensor(projected.peft_config["default"].profile_basis)
+    basis = profile_stats(projected, "default").basis
     assert basis.shape == (3, D)  # k=5 asked, the rows span 3: the null directions are not kept
     torch.testing.assert_close(basis @ basis.T, torch.eye(3), atol=1e-5, rtol=0)
     # the fitted basis spans the same directions as the ones the profiles were drawn on
@@ -58,8 +59,7 @@ def test_projected_routing_equals_centred_routing_on_projected_embeddings():
     table, _ = low_rank_profiles(rank=4)
     cuma.fit_profile_center(centred, table)
     cuma.fit_profile_center(projected, table)
-    cfg_p = projected.peft_config["default"]
-    mean, basis = torch.tensor(cfg_p.profile_center), torch.tensor(cfg_p.profile_basis)
+    mean, basis = profile_stats(projected, "default").center, profile_stats(projected, "default").basis
     assert basis.shape == (2, D)
     e = profiles(3) + 3.0  # new profiles, off the training directions
     on_basis = mean + ((e - mean) @ basis.T) @ basis
@@ -77,19 +77,46 @@ def test_a_training_profile_routes_as_under_centring_alone():
 
 def test_unfitted_basis_is_a_clear_error():
     _, projected = pair()
-    projected.peft_config["default"].profile_center = [0.0] * D  # a centre without its basis
+    profile_stats(projected, "default").set("center", torch.zeros(D))  # a centre without its basis
     with pytest.raises(ValueError, match="no fitted profile_basis"):
         logits(projected, profiles())
 
 
 def test_basis_saved_and_reloaded(tmp_path):
+    from safetensors.torch import load_file
+
     _, projected = pair()
     cuma.fit_profile_center(projected, low_rank_profiles()[0])
+    fitted = profile_stats(projected, "default")
     ref = logits(projected, profiles())
     projected.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["router_profile_subspace"] == 3 and len(saved["profile_basis"]) == 3
+    assert saved["router_profile_subspace"] == 3 and saved["profile_basis"] is None
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    assert weights["base_model.cuma_profile_stats.basis"].shape == (3, D)
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert torch.equal(profile_stats(loaded, "default").basis, fitted.basis)
+    assert torch.equal(profile_stats(loaded, "default").center, fitted.center)
+    torch.testing.assert_close(logits(loaded, profiles()), ref, rtol=0, atol=0)
+
+
+def test_an_old_adapter_with_centre_and_basis_in_its_config_still_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, projected = pair()
+    cuma.fit_profile_center(projected, low_rank_profiles()[0])
+    fitted = profile_stats(projected, "default")
+    ref = logits(projected, profiles())
+    projected.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    saved["profile_center"], saved["profile_basis"] = fitted.center.tolist(), fitted.basis.tolist()
+    config_file.write_text(json.dumps(saved))
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    weights = {k: v for k, v in weights.items() if "cuma_profile_stats" not in k}
+    save_file(weights, tmp_path / "adapter_model.safetensors")
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert torch.equal(profile_stats(loaded, "default").basis, fitted.basis)
     torch.testing.assert_close(logits(loaded, profiles()), ref, rtol=0, atol=0)
 
 
@@ -98,7 +125,7 @@ def test_recipe_helper_fits_a_loaded_centre_without_basis():
     table, _ = low_rank_profiles()
     records = [{"profile_index": i} for i in range(table.shape[0])]
     assert fit_profile_centers(projected, records, table, None) == ["default"]
-    assert projected.peft_config["default"].profile_basis is not None
+    assert profile_stats(projected, "default").basis is not None
     assert fit_profile_centers(projected, records, table, None) == []  # both fitted: kept
 
 

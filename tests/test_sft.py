@@ -291,9 +291,12 @@ def test_sft_fits_the_profile_center_and_the_reloaded_adapter_scores_with_it(tin
     cfg.method.options["router_profile_center"] = "train"
     run_sft(cfg)
     data = load_prepared(tiny_prepared)
-    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    from safetensors.torch import load_file
+
+    # the fitted centre is a buffer saved with the adapter weights (not a float list in adapter_config.json)
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")["base_model.cuma_profile_stats.center"]
     rows = sorted({r["profile_index"] for r in data.train})
-    assert torch.allclose(torch.tensor(saved["profile_center"]), data.profile_embeds[rows].mean(0), atol=1e-6)
+    assert torch.allclose(saved, data.profile_embeds[rows].mean(0), atol=1e-6)
     built = methods.load(None, cuma.models.load_base(str(tiny_model_dir)), tmp_path / "out")
     preds = score_records(built.model, tiny_chat_tokenizer(), data.test[:4], batch_size=4,
                           profile_table=data.profile_embeds, profile_in_prompt=built.profile_in_prompt, progress=False)

@@ -22,11 +22,13 @@ Methods (``list_methods()``; ``docs/methods.md`` has the table with defaults, pa
 
 Layout (one module per role, one per method family, like PEFT's one folder per tuner):
 
-- ``options``: :class:`Option` and the coercion of user values to each option kind;
+- ``options``: :class:`Option`, ``options_from_config`` (a tuner's options are its config dataclass's fields: name,
+  type, default, help) and the coercion of user values to each option kind;
 - ``registry``: :class:`MethodSpec`, :class:`BuiltMethod`, ``register`` / ``get_spec`` / ``list_methods`` /
   ``resolve_options`` and ``build``;
 - ``common``: target-module checks, gradient-checkpointing switches, parameter counts;
-- builders, each registering its specs: ``cuma`` (CuMA and its ablations; the CuMA option table), ``lora``
+- ``describe``: the option tables of docs/methods.md and ``cuma train sft --method-options``;
+- builders, each registering its specs: ``cuma`` (CuMA and its ablations, options from ``CuMAConfig``), ``lora``
   (lora, dora), ``prefix``, ``fft``, ``hydralora``, ``mixlora``, ``prompting`` (vanilla, persona, fewshot);
 - ``io``: ``save`` / ``load`` / ``read_record`` / ``load_weights`` / ``trainer_callback``.
 """

@@ -61,22 +61,13 @@ def _disable_gradient_checkpointing(model: nn.Module) -> None:
             m.gradient_checkpointing = False
 
 
-def _config_fields(cls) -> set[str]:
-    import dataclasses
-
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def _peft_from_fields(config_cls, o: dict, fixed: Mapping[str, Any], base: nn.Module) -> nn.Module:
-    """Build a PEFT model from a config class whose fields are named like the options."""
+def _peft_from_config(spec, o: dict, base: nn.Module) -> nn.Module:
+    """Build a PEFT model with ``spec.config_cls`` from the resolved options ``o`` (one of this project's tuners)."""
     from peft import get_peft_model
 
-    known = _config_fields(config_cls)
-    kwargs = {k: v for k, v in o.items() if k in known and v is not None}
-    kwargs.update({k: v for k, v in fixed.items() if k in known})
-    if "task_type" in known and "task_type" not in kwargs:
-        kwargs["task_type"] = "CAUSAL_LM"
-    return get_peft_model(base, config_cls(**kwargs))
+    from .registry import config_from_options
+
+    return get_peft_model(base, config_from_options(spec, o))
 
 
 def _count(model: nn.Module) -> tuple[int, int]:

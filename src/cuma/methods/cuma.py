@@ -1,75 +1,43 @@
 """``cuma`` and its ablations ``cuma-semantic``, ``cuma-soft``, ``cuma-minimal`` on the CuMA tuner
-(:mod:`cuma.tuners.cuma`). The CuMA options live in :func:`_cuma_options`, the one table the four specs share."""
+(:mod:`cuma.tuners.cuma`). Their options are :class:`~cuma.tuners.cuma.CuMAConfig`'s fields (names, types, defaults,
+help); each ablation names only what it fixes (and so drops from its options) or defaults differently."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
-
 from torch import nn
 
-from .common import _peft_from_fields
+from ..tuners.cuma import CuMAConfig
+from .common import _peft_from_config
 from .options import PROFILE_IN_PROMPT as _PIP
-from .options import Option
-from .registry import MethodSpec, register
+from .options import Option, options_from_config
+from .registry import MethodSpec, get_spec, register
 
-
-def _build_cuma(fixed: Mapping[str, Any]):
+def _build(name: str):
     def build(base: nn.Module, o: dict) -> nn.Module:
-        from ..tuners.cuma import CuMAConfig
-
-        return _peft_from_fields(CuMAConfig, o, fixed, base)
+        return _peft_from_config(get_spec(name), o, base)
 
     return build
 
 
-def _cuma_options(drop: Sequence[str] = (), **defaults) -> dict[str, Option]:
-    opts = {
-        "r": Option("int", 8, "LoRA rank of each expert"),
-        "lora_alpha": Option("int", None, "LoRA alpha (default 2*r: 16 at r=8, 128 at r=64)"),
-        "lora_dropout": Option("float", 0.0, "dropout on the expert input"),
-        "use_rslora": Option("bool", False, "scale by alpha/sqrt(r)"),
-        "num_experts": Option("int", 8, "experts N per adapted projection"),
-        "top_k": Option("int", 2, "experts kept per token"),
-        "profile_dim": Option("int", 384, "width of profile_embeds (384: all-MiniLM-L6-v2; paper: 1024)"),
-        "profile_proj_layers": Option("int", 0, "trainable projection of the profile embedding: 0, 1 or 2 layers"),
-        "profile_proj_dim": Option("int", None, "output width of that projection (default profile_dim)"),
-        "router_hidden": Option("int", 256, "hidden width of the router MLP"),
-        "router_layers": Option("int", 2, "Linear layers in the router (1 = linear router)"),
-        "router_dropout": Option("float", 0.0, "dropout inside the router"),
-        "router_input_norm": Option("str", "none", "'balanced': RMS-scale the token and profile parts of the "
-                                    "router input, each with a learned gain ('none': the paper's raw concat)",
-                                    choices=("none", "balanced")),
-        "router_profile_gain": Option("float", 1.0, "initial gain of the profile part (router_input_norm='balanced')"),
-        "router_token_init_scale": Option("float", 1.0, "scale of the router's token-part weights at init "
-                                          "(< 1: the first routing follows the profile)"),
-        "router_profile_center": Option("str", "none", "'train': routers read the profile embedding minus the "
-                                        "training profiles' mean (fitted by the training recipe, stored in the "
-                                        "adapter config); 'none': the paper", choices=("none", "train")),
-        "router_profile_subspace": Option("int", 0, "k > 0 (with router_profile_center='train'): routers read the "
-                                          "centred profile projected onto the training profiles' k leading principal "
-                                          "directions (fitted with the centre); 0: the whole embedding (the paper)"),
-        "shared_A": Option("bool", False, "one A shared by all experts (paper: one A per expert)"),
-        "share_router_qkv": Option("bool", False, "one router per attention block for q/k/v"),
-        "share_router_gate_up": Option("bool", False, "one router per MLP block for gate/up"),
-        "balance_loss_coef": Option("float", 0.01, "lambda_aux of the Switch load-balancing term"),
-        "fast_path": Option("str", "off", "routed-delta implementation: 'off' (reference), 'fused' (static-shape, "
-                            "same results), 'triton' (top-k experts in Triton kernels on CUDA)",
-                            choices=("off", "fused", "triton")),
-        "fast_path_compile": Option("bool", False, "run the fast path's static-shape functions through torch.compile"),
-        "target_modules": Option("modules", ["q_proj", "v_proj"], "modules to adapt (names or regex)"),
-        "init_weights": Option("bool", True, "B = 0 at init (False: random B, for tests)"),
-        "layers_to_transform": Option("int_list", None, "only these layer indices"),
-        "modules_to_save": Option("modules", None, "extra modules trained in full and saved with the adapter"),
-        "profile_in_prompt": _PIP,
-    }
-    for k in drop:
-        opts.pop(k)
-    for k, v in defaults.items():
-        opts[k] = Option(opts[k].kind, v, opts[k].help, opts[k].choices)
-    return opts
+def _cuma_options(fixed: dict, drop: tuple = (), **defaults) -> dict[str, Option]:
+    """Every CuMAConfig field is an option of a CuMA method, less the ones the method fixes (or that mean nothing in
+    it: ``drop``)."""
+    exclude = (*fixed, *drop)
+    return {**options_from_config(CuMAConfig, exclude=exclude, defaults=defaults), "profile_in_prompt": _PIP}
 
 
 CUMA_PAPER = "CuMA: Cultural Mixture of Adapters (ACL 2026, arXiv:2601.04885)"
+
+# what each method fixes: these CuMAConfig fields are not its options. Semantic-only routing has no profile input, so
+# of conditioning="fast" only the profile-free parts (balanced input, token init) apply to it.
+_NO_PROFILE = {"profile_dim": 0, "profile_proj_layers": 0, "profile_proj_dim": None, "router_profile_gain": 1.0,
+               "router_profile_center": "none", "router_profile_subspace": 0}
+_FIXED: dict[str, dict] = {
+    "cuma": {"soft_routing": False},
+    "cuma-semantic": {"soft_routing": False, **_NO_PROFILE},
+    "cuma-soft": {"soft_routing": True},
+    "cuma-minimal": {"soft_routing": False, **_NO_PROFILE, "balance_loss_coef": 0.0},
+}
 
 register(
     MethodSpec(
@@ -77,11 +45,12 @@ register(
         family="cuma",
         summary="N LoRA experts per projection, top-k per token by a router on concat(h_t, e_d)",
         paper=CUMA_PAPER,
-        options=_cuma_options(),
-        builder=_build_cuma({}),
+        options=_cuma_options(_FIXED["cuma"]),
+        builder=_build("cuma"),
         save_format="adapter",
         peft_type="CUMA",
-        fixed={"soft_routing": False},
+        config_cls=CuMAConfig,
+        fixed=_FIXED["cuma"],
         profile_routing=True,
         deviations=(
             "top-k weights renormalised to sum to 1 (the authors' release applies a second softmax to the kept "
@@ -98,12 +67,12 @@ register(
         family="cuma",
         summary="CuMA ablation: router sees only h_t (profile_dim=0)",
         paper=CUMA_PAPER + ", ablation",
-        options=_cuma_options(drop=("profile_dim", "profile_proj_layers", "profile_proj_dim", "router_profile_gain",
-                                    "router_profile_center", "router_profile_subspace")),
-        builder=_build_cuma({"profile_dim": 0}),
+        options=_cuma_options(_FIXED["cuma-semantic"]),
+        builder=_build("cuma-semantic"),
         save_format="adapter",
         peft_type="CUMA",
-        fixed={"profile_dim": 0, "profile_proj_layers": 0, "profile_proj_dim": None},
+        config_cls=CuMAConfig,
+        fixed=_FIXED["cuma-semantic"],
     )
 )
 register(
@@ -112,12 +81,13 @@ register(
         family="cuma",
         summary="CuMA ablation: dense soft routing (softmax over all experts, no top-k)",
         paper=CUMA_PAPER + ", ablation",
-        options=_cuma_options(drop=("top_k",), balance_loss_coef=0.0),
-        builder=_build_cuma({"soft_routing": True}),
+        options=_cuma_options(_FIXED["cuma-soft"], drop=("top_k",), balance_loss_coef=0.0),
+        builder=_build("cuma-soft"),
         save_format="adapter",
         peft_type="CUMA",
+        config_cls=CuMAConfig,
         profile_routing=True,
-        fixed={"soft_routing": True, "top_k": "all experts"},
+        fixed=_FIXED["cuma-soft"],
         deviations=(
             "balance_loss_coef defaults to 0: with dense gates the Switch term is the constant 1 (no gradient)",
         ),
@@ -129,11 +99,11 @@ register(
         family="cuma",
         summary="CuMA ablation: no profile in the router and no balance loss",
         paper=CUMA_PAPER + ", ablation",
-        options=_cuma_options(drop=("profile_dim", "profile_proj_layers", "profile_proj_dim", "balance_loss_coef",
-                                    "router_profile_gain", "router_profile_center", "router_profile_subspace")),
-        builder=_build_cuma({"profile_dim": 0, "balance_loss_coef": 0.0}),
+        options=_cuma_options(_FIXED["cuma-minimal"]),
+        builder=_build("cuma-minimal"),
         save_format="adapter",
         peft_type="CUMA",
-        fixed={"profile_dim": 0, "profile_proj_layers": 0, "profile_proj_dim": None, "balance_loss_coef": 0.0},
+        config_cls=CuMAConfig,
+        fixed=_FIXED["cuma-minimal"],
     )
 )

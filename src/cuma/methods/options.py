@@ -1,10 +1,13 @@
-"""Typed method options: :class:`Option` and the coercion of user values (YAML, CLI strings) to each kind."""
+"""Typed method options: :class:`Option`, the options of a tuner read from its config dataclass
+(:func:`options_from_config`), and the coercion of user values (YAML, CLI strings) to each kind."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,61 @@ def _as_modules(value: Any):
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
     return None
+
+
+# fields every PEFT config has that are not method options (PEFT sets them, or they name the run, not the adapter)
+_PEFT_BASE_FIELDS = {f.name for f in dataclasses.fields(__import__("peft").config.PeftConfig)}
+_MODULE_FIELDS = {"target_modules", "exclude_modules", "modules_to_save", "ffn_modules", "layers_pattern"}
+
+
+def _kind_of(name: str, hint) -> tuple[str, Optional[tuple]]:
+    """Option kind (and choices) of a config field from its type annotation."""
+    if name in _MODULE_FIELDS:
+        return "modules", None
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin is typing.Union and len(args) == 1:  # Optional[X]
+        return _kind_of(name, args[0])
+    if origin is typing.Literal:
+        return "str", tuple(typing.get_args(hint))
+    if origin is typing.Union and any(typing.get_origin(a) is list and typing.get_args(a) == (int,) for a in args):
+        return "int_list", None
+    for kind, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if hint is typ:
+            return kind, None
+    raise TypeError(f"config field {name!r}: no option kind for its type {hint!r}")
+
+
+def options_from_config(
+    config_cls, exclude: Sequence[str] = (), defaults: Optional[Mapping[str, Any]] = None
+) -> dict[str, Option]:
+    """The options of a method built on ``config_cls`` (a PEFT config dataclass): one per field the class declares
+    (PEFT's own fields and fields marked ``metadata={"fitted": True}`` excluded), with the field's type as the kind
+    (a ``Literal`` gives the choices), its default and its ``metadata["help"]``. ``exclude``: fields the method fixes;
+    ``defaults``: the method's own defaults, where they differ from the config's."""
+    hints = typing.get_type_hints(config_cls)
+    defaults = dict(defaults or {})
+    out: dict[str, Option] = {}
+    for f in dataclasses.fields(config_cls):
+        if f.name in _PEFT_BASE_FIELDS or f.metadata.get("fitted") or f.name in exclude:
+            continue
+        kind, choices = _kind_of(f.name, hints[f.name])
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        if f.name in defaults:
+            default = defaults.pop(f.name)
+        help_text = f.metadata.get("help")
+        if not help_text:
+            raise ValueError(f"{config_cls.__name__}.{f.name} has no metadata['help']: every option says what it does")
+        out[f.name] = Option(kind, default, help_text, choices)
+    unknown = set(defaults) | (set(exclude) - {f.name for f in dataclasses.fields(config_cls)})
+    if unknown:
+        raise ValueError(f"{config_cls.__name__} has no field(s) {sorted(unknown)}")
+    return out
 
 
 # the data option every trainable method records with its run

@@ -31,6 +31,9 @@ class MethodSpec:
     fixed: Mapping[str, Any] = field(default_factory=dict)  # settings an ablation pins (not options)
     peft_type: Optional[str] = None  # adapter methods: the peft_type their adapter_config.json holds
     deviations: tuple[str, ...] = ()
+    # this project's tuners: the config dataclass the options come from (options_from_config) and that fills in the
+    # options left unset (None), so that a run records the values the adapter was built with
+    config_cls: Optional[type] = None
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -178,10 +181,37 @@ def resolve_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     for key, opt in spec.options.items():
         value = options.get(key, opt.default)
         resolved[key] = _coerce(name, key, opt, value)
-    # LoRA-style alpha follows the paper's alpha = 2r unless given
+    # one alpha rule for every LoRA-style method, the tuner configs' own: lora_alpha = 2 * r unless given
     if "lora_alpha" in resolved and resolved["lora_alpha"] is None and "r" in resolved:
         resolved["lora_alpha"] = 2 * resolved["r"]
+    if spec.config_cls is not None:
+        config = config_from_options(spec, resolved)
+        for key, value in resolved.items():
+            if value is None and hasattr(config, key):
+                resolved[key] = _jsonable(getattr(config, key))
     return resolved
+
+
+def config_kwargs(spec: MethodSpec, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of ``spec.config_cls`` from resolved options plus what the method fixes (None = the config's
+    own default)."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(spec.config_cls)}
+    kwargs = {k: v for k, v in options.items() if k in known and v is not None}
+    kwargs.update({k: v for k, v in spec.fixed.items() if k in known})
+    if "task_type" in known and "task_type" not in kwargs:
+        kwargs["task_type"] = "CAUSAL_LM"
+    return kwargs
+
+
+def config_from_options(spec: MethodSpec, options: Mapping[str, Any]):
+    """The tuner config a method builds from ``options``; a value the config rejects is a ValueError naming the
+    method."""
+    try:
+        return spec.config_cls(**config_kwargs(spec, options))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"method {spec.name!r}: {err}") from None
 
 
 def _uses_profile(spec: MethodSpec, options: dict) -> bool:

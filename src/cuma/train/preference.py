@@ -325,13 +325,9 @@ def fit_profile_centers(model, records: Sequence[dict], table, encoder) -> list[
     ``router_profile_subspace`` > 0) of every CuMA adapter of ``model`` that centres its router's profile input
     (``router_profile_center='train'``) and has none yet (an adapter loaded from an SFT run
     keeps the SFT run's). Each distinct training profile counts once. Returns the adapters it set."""
-    from ..tuners.cuma import CuMAConfig
-    from ..tuners.cuma.model import fit_profile_center
+    from ..tuners.cuma.model import fit_profile_center, needs_profile_fit
 
-    configs = getattr(model, "peft_config", None)
-    wanted = [n for n, c in (configs or {}).items()
-              if isinstance(c, CuMAConfig) and c.router_profile_center == "train"
-              and (c.profile_center is None or (c.router_profile_subspace > 0 and c.profile_basis is None))]
+    wanted = needs_profile_fit(model)
     if not wanted or not records:
         return []
     if table is not None:

@@ -14,6 +14,21 @@ from ..fused import validate_fast_path
 
 CUMA_PEFT_TYPE = peft_type_member("CUMA")  # a real PeftType member (model cards, FSDP state dicts)
 
+# The router conditioning presets: the value each preset gives the router options left unset (None). "paper" is the
+# paper's router (raw concat(h_t, e_d), default init); "fast" balances the two parts of the router input, starts from a
+# profile-led routing and centres the profile input on the training profiles' mean (docs/cuma.md; the evidence for it is
+# in docs/demo.md sections 1-2 and docs/notes/conditioning-default.md). Parts that read the profile apply only when the
+# router has a profile input (profile_dim > 0).
+CONDITIONING_PRESETS: dict[str, dict[str, object]] = {
+    "paper": {"router_input_norm": "none", "router_token_init_scale": 1.0, "router_profile_center": "none"},
+    "fast": {"router_input_norm": "balanced", "router_token_init_scale": 0.1, "router_profile_center": "train"},
+}
+PROFILE_PRESET_OPTIONS = ("router_profile_center",)  # preset parts that need a profile input
+# The routers' learning rate as a multiple of the main one that goes with conditioning="fast". The learning rate is a
+# training option (train.router_learning_rate), not part of the adapter: the fast configs (configs/*/cuma_*_fast.yaml)
+# set router_learning_rate = FAST_ROUTER_LR_RATIO * learning_rate.
+FAST_ROUTER_LR_RATIO = 3.0
+
 
 @dataclass
 class CuMAConfig(PeftConfig):
@@ -23,11 +38,21 @@ class CuMAConfig(PeftConfig):
     adapted projection reads ``concat(h_t, e_d)`` (token hidden state, profile embedding) and keeps the ``top_k``
     experts per token: ``y = W0 x + scaling * sum_{i in topk} g_i B_i A_i dropout(x)``.
 
-    Defaults are the paper's (N=8, k=2, r=8, alpha=16, router hidden 256, lambda_aux 0.01, q_proj + v_proj).
+    Defaults are the paper's (N=8, k=2, r=8, alpha=2r, router hidden 256, lambda_aux 0.01, q_proj + v_proj, the paper's
+    router: ``conditioning="paper"``). ``conditioning="fast"`` selects the router that learns who is asking within a
+    small budget (see ``CONDITIONING_PRESETS``); an option given explicitly overrides its preset value, and the
+    resolved values are what ``adapter_config.json`` records.
+
+    Fitted tensors (``profile_center``, ``profile_basis``, see :func:`cuma.fit_profile_center`) are buffers of the
+    model, saved in ``adapter_model.safetensors``; the two fields below only read adapters saved before that, which
+    kept them as lists in ``adapter_config.json``.
     """
 
     r: int = field(default=8, metadata={"help": "LoRA rank of each expert."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha; scaling = alpha / r (or alpha / sqrt(r))."})
+    lora_alpha: Optional[int] = field(
+        default=None,
+        metadata={"help": "LoRA alpha; scaling = lora_alpha / r (or / sqrt(r) with use_rslora). Default: 2 * r."},
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the expert input."})
     use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha / sqrt(r) (rsLoRA)."})
     num_experts: int = field(default=8, metadata={"help": "Number of LoRA experts N per adapted projection."})
@@ -49,51 +74,51 @@ class CuMAConfig(PeftConfig):
     router_hidden: int = field(default=256, metadata={"help": "Hidden width of the router MLP."})
     router_layers: int = field(default=2, metadata={"help": "Linear layers in the router (1 = linear router)."})
     router_dropout: float = field(default=0.0, metadata={"help": "Dropout inside the router MLP."})
-    router_input_norm: Literal["none", "balanced"] = field(
-        default="none",
+    conditioning: Literal["paper", "fast"] = field(
+        default="paper",
         metadata={
-            "help": "'none' (the paper): the router reads the raw concat(h_t, e_d). 'balanced': the token part and "
-            "the profile part are each scaled to per-dimension RMS 1 times a learned gain, so the small profile "
-            "embedding is not swamped by the hidden state."
+            "help": "Router preset: 'paper' (raw concat(h_t, e_d), default init) or 'fast' (router_input_norm="
+            "'balanced', router_token_init_scale=0.1, router_profile_center='train'; the centring only with a "
+            "profile input). Sets the router options left unset; an option given explicitly wins. 'fast' goes "
+            "with routers trained at 3x the main learning rate (train.router_learning_rate, FAST_ROUTER_LR_RATIO)."
+        },
+    )
+    router_input_norm: Optional[Literal["none", "balanced"]] = field(
+        default=None,
+        metadata={
+            "help": "'none': the router reads the raw concat(h_t, e_d). 'balanced': the token part and the profile "
+            "part are each scaled to per-dimension RMS 1 times a learned gain, so the small profile embedding is not "
+            "swamped by the hidden state. Default: set by conditioning ('paper': 'none', 'fast': 'balanced')."
         },
     )
     router_profile_gain: float = field(
         default=1.0, metadata={"help": "Initial gain of the profile part with router_input_norm='balanced'."}
     )
-    router_token_init_scale: float = field(
-        default=1.0,
-        metadata={
-            "help": "Scale of the router's token-part weights at initialisation (< 1: the first routing follows the "
-            "profile, so experts specialise by group from the first step while B = 0)."
-        },
-    )
-    router_profile_center: Literal["none", "train"] = field(
-        default="none",
-        metadata={
-            "help": "'train': the routers read profile_embeds minus profile_center, the mean embedding of the training "
-            "profiles (fitted before training by cuma.fit_profile_center; the SFT, DPO and GRPO recipes do it). Profile "
-            "sentences share most of their embedding (mean cosine about 0.66 with MiniLM), so the shared part acts as "
-            "one fixed offset for every user; centring leaves the part that tells users apart. 'none': the paper."
-        },
-    )
-    profile_center: Optional[list[float]] = field(
+    router_token_init_scale: Optional[float] = field(
         default=None,
-        metadata={"help": "The fitted mean training profile embedding (profile_dim floats; router_profile_center)."},
+        metadata={
+            "help": "Scale of the router's token-part weights at initialisation; < 1 makes the first routing follow "
+            "the profile, so experts are told apart by group from the first step while B = 0. Default: set by "
+            "conditioning ('paper': 1.0, 'fast': 0.1)."
+        },
+    )
+    router_profile_center: Optional[Literal["none", "train"]] = field(
+        default=None,
+        metadata={
+            "help": "'train': the routers read profile_embeds minus the mean embedding of the training profiles "
+            "(fitted before training by cuma.fit_profile_center, which the SFT, DPO and GRPO recipes call; saved with "
+            "the adapter weights), which removes the part of the embedding all profiles share. 'none': the raw "
+            "profile_embeds. Default: set by conditioning ('paper': 'none', 'fast': 'train' when profile_dim > 0)."
+        },
     )
     router_profile_subspace: int = field(
         default=0,
         metadata={
-            "help": "k > 0 (with router_profile_center='train'): the routers read the centred profile projected onto "
-            "profile_basis, the k leading principal directions of the training profiles' embeddings (fitted with "
-            "profile_center). The training profiles span few directions (the demo's 300 profiles: 32 hold 99.8% of "
-            "their variance), while about half of an unseen profile's centred embedding lies outside them, where the "
-            "router's weights were never trained; the projection keeps a new user's profile on the directions "
-            "training shaped. 0: the whole embedding (the paper)."
+            "help": "k > 0 (needs router_profile_center='train'): the routers read the centred profile projected onto "
+            "the k leading principal directions of the training profiles' embeddings (fitted with the centre and "
+            "saved with the adapter weights), so an unseen profile is read on the directions training shaped. 0: the "
+            "whole embedding."
         },
-    )
-    profile_basis: Optional[list[list[float]]] = field(
-        default=None,
-        metadata={"help": "The fitted orthonormal basis (at most router_profile_subspace rows of profile_dim floats)."},
     )
     share_router_qkv: bool = field(
         default=False, metadata={"help": "One router per attention block shared by q_proj/k_proj/v_proj."}
@@ -104,7 +129,7 @@ class CuMAConfig(PeftConfig):
     balance_loss_coef: float = field(
         default=0.01, metadata={"help": "lambda_aux: weight of the Switch load-balancing term (0 disables it)."}
     )
-    fast_path: str = field(
+    fast_path: Literal["off", "fused", "triton"] = field(
         default="off",
         metadata={
             "help": "How the routed delta is computed: 'off' (reference path), 'fused' (static-shape, compile-friendly "
@@ -123,12 +148,26 @@ class CuMAConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "B = 0 at initialisation, so the adapted model starts as the base model."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
-    modules_to_save: Optional[list[str]] = field(default=None)
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Adapt only the layers with these indices (default: every layer)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list layers_to_transform indexes (PEFT's option)."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
+    )
     bias: Literal["none", "all", "cuma_only"] = field(
         default="none",
         metadata={"help": "Biases to train (PEFT's options): 'none', 'all', or 'cuma_only' (adapted layers' own)."},
+    )
+    # adapters saved before the fitted tensors became buffers kept them here; read once, moved to the model's buffers
+    # (cuma.tuners.cuma.model.ProfileStats) when the adapter is built, and never written again
+    profile_center: Optional[list[float]] = field(
+        default=None, metadata={"help": "Read-only: an old adapter's fitted centre (now a buffer).", "fitted": True}
+    )
+    profile_basis: Optional[list[list[float]]] = field(
+        default=None, metadata={"help": "Read-only: an old adapter's fitted basis (now a buffer).", "fitted": True}
     )
 
     def __post_init__(self):
@@ -142,6 +181,17 @@ class CuMAConfig(PeftConfig):
         self.exclude_modules = (
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )
+        if self.lora_alpha is None and isinstance(self.r, int):
+            self.lora_alpha = 2 * self.r
+        if self.conditioning not in CONDITIONING_PRESETS:
+            raise ValueError(
+                f"CuMAConfig: conditioning must be one of {list(CONDITIONING_PRESETS)}, got {self.conditioning!r}"
+            )
+        for name, value in CONDITIONING_PRESETS[self.conditioning].items():
+            if getattr(self, name) is None:
+                if name in PROFILE_PRESET_OPTIONS and self.profile_dim == 0:
+                    value = CONDITIONING_PRESETS["paper"][name]  # no profile input: the profile parts do not apply
+                setattr(self, name, value)
         self.validate()
 
     @property

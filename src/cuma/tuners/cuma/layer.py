@@ -116,23 +116,25 @@ class CuMALayer(BaseTunerLayer):
                 "row per example of the batch"
             )
         # the subtraction runs in every layer, not cached per call (a checkpoint recompute must save what its forward
-        # saved); the centre tensor itself is converted once, on the routing scope
+        # saved); the fitted centre and basis are buffers of the tuner (ProfileStats), saved with the adapter weights
         if config.router_profile_center == "train":
-            if config.profile_center is None:
+            stats = getattr(self._routing_scope, "profile_stats", None)
+            stats = stats[adapter_name] if stats is not None and adapter_name in stats else None
+            if stats is None or stats.center is None:
                 raise ValueError(
                     f"CuMA adapter '{adapter_name}' has router_profile_center='train' but no fitted profile_center: "
                     "call cuma.fit_profile_center(model, profile_embeds) with the training profiles' embeddings "
                     "before the first forward (cuma train sft / dpo / grpo do it)"
                 )
-            e = e - self._routing_scope.profile_center(adapter_name, config.profile_center, e)
+            e = e - stats.center.to(device=e.device, dtype=e.dtype)
             if config.router_profile_subspace > 0:
-                if config.profile_basis is None:
+                if stats.basis is None:
                     raise ValueError(
                         f"CuMA adapter '{adapter_name}' has router_profile_subspace={config.router_profile_subspace} "
                         "but no fitted profile_basis: call cuma.fit_profile_center(model, profile_embeds) with the "
                         "training profiles' embeddings before the first forward (cuma train sft / dpo / grpo do it)"
                     )
-                basis = self._routing_scope.profile_basis(adapter_name, config.profile_basis, e)
+                basis = stats.basis.to(device=e.device, dtype=e.dtype)
                 e = (e @ basis.T) @ basis  # the part of the centred profile on the training profiles' directions
         projections = self._routing_scope.profile_proj
         proj = projections[adapter_name] if projections is not None and adapter_name in projections else None

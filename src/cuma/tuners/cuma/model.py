@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from typing import Optional
 
@@ -29,13 +30,68 @@ def build_profile_projection(config: CuMAConfig) -> Optional[nn.Module]:
     return nn.Sequential(nn.Linear(config.profile_dim, config.router_hidden), nn.GELU(), nn.Linear(config.router_hidden, out))
 
 
+class ProfileStats(nn.Module):
+    """The fitted statistics of one adapter's training profiles, as buffers saved with the adapter weights:
+    ``center`` (profile_dim,), the mean training profile embedding (``router_profile_center='train'``), and ``basis``
+    (k, profile_dim), the k leading principal directions of the centred training profiles
+    (``router_profile_subspace=k``). Both are None until :func:`fit_profile_center` sets them (nothing is saved for an
+    unfitted one). ``from_config`` marks values read from an old adapter's config, whose weights file lacks them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("center", None)
+        self.register_buffer("basis", None)
+        self.from_config: set[str] = set()
+
+    def set(self, name: str, value: Optional[torch.Tensor]) -> None:
+        self._buffers[name] = None if value is None else value.detach().clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # an unfitted buffer is None (absent from the state dict): take the saved tensor's shape before the copy
+        for name in ("center", "basis"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                current = self._buffers.get(name)
+                if current is None or current.shape != saved.shape:
+                    device = current.device if current is not None else saved.device
+                    self._buffers[name] = torch.empty_like(saved, device=device)
+                self.from_config.discard(name)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for name in self.from_config:  # an old adapter: its fitted values came from adapter_config.json
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+
+
+def profile_stats(model: nn.Module, adapter_name: str) -> Optional[ProfileStats]:
+    """The :class:`ProfileStats` of ``adapter_name`` in a PeftModel or CuMAModel ``model`` (None if it has none)."""
+    tuner = getattr(model, "base_model", model)
+    stats = getattr(tuner, "cuma_profile_stats", None)
+    return stats[adapter_name] if stats is not None and adapter_name in stats else None
+
+
+def needs_profile_fit(model: nn.Module) -> list[str]:
+    """The CuMA adapters of ``model`` that centre their routers' profile input (``router_profile_center='train'``)
+    but have no fitted centre yet, or no basis where ``router_profile_subspace`` > 0 (an adapter loaded from a trained
+    one keeps what was fitted then)."""
+    out = []
+    for name, config in (getattr(model, "peft_config", None) or {}).items():
+        if not isinstance(config, CuMAConfig) or config.router_profile_center != "train":
+            continue
+        stats = profile_stats(model, name)
+        if stats is None or stats.center is None or (config.router_profile_subspace > 0 and stats.basis is None):
+            out.append(name)
+    return out
+
+
 def fit_profile_center(model: nn.Module, profile_embeds: torch.Tensor, adapter_name: Optional[str] = None) -> list[str]:
-    """Store the mean of ``profile_embeds`` (the training profiles' embeddings, one row per profile) as the
-    ``profile_center`` of every CuMA adapter of ``model`` with ``router_profile_center='train'`` (or only
-    ``adapter_name``), and, where ``router_profile_subspace`` is k > 0, the k leading principal directions of the
-    centred rows as its ``profile_basis`` (fewer where the rows span fewer). Both live in the adapter config, so
-    ``save_pretrained`` writes them to adapter_config.json and a loaded adapter reads new profiles the same way.
-    Returns the adapters it set."""
+    """Set the ``center`` of every CuMA adapter of ``model`` with ``router_profile_center='train'`` (or only
+    ``adapter_name``) to the mean of ``profile_embeds`` (the training profiles' embeddings, one row per profile), and,
+    where ``router_profile_subspace`` is k > 0, its ``basis`` to the k leading principal directions of the centred rows
+    (fewer where the rows span fewer). Both are buffers of the model (:class:`ProfileStats`), so ``save_pretrained``
+    writes them to adapter_model.safetensors and a loaded adapter reads new profiles the same way. Returns the
+    adapters it set."""
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict):
         raise ValueError("fit_profile_center needs a PeftModel with a CuMA adapter (got a model without peft_config)")
@@ -57,15 +113,27 @@ def fit_profile_center(model: nn.Module, profile_embeds: torch.Tensor, adapter_n
                 f"CuMA adapter '{name}': profile_embeds have width {mean.shape[0]}, the adapter's profile_dim is "
                 f"{config.profile_dim}"
             )
-        config.profile_center = mean.tolist()
+        stats = profile_stats(model, name)
+        if stats is None:
+            raise ValueError(f"CuMA adapter '{name}' has no profile statistics module: is it a CuMA PeftModel?")
+        like = next((b for b in (stats.center, stats.basis) if b is not None), None)
+        to = dict(device=like.device, dtype=like.dtype) if like is not None else dict(device=_device_of(model))
+        stats.set("center", mean.to(**to))
         if config.router_profile_subspace > 0:
             if directions is None:
                 directions = profile_subspace(rows.double() - rows.double().mean(0))
-            config.profile_basis = directions[: config.router_profile_subspace]
+            basis = torch.tensor(directions[: config.router_profile_subspace], dtype=torch.float32)
+            stats.set("basis", basis.to(**to))
+        stats.from_config.clear()
         done.append(name)
     if adapter_name is not None and not done:
         raise ValueError(f"adapter '{adapter_name}' is not a CuMA adapter with router_profile_center='train'")
     return done
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None and first.device.type != "meta" else torch.device("cpu")
 
 
 def profile_subspace(centred: torch.Tensor, k: Optional[int] = None) -> list[list[float]]:
@@ -94,13 +162,25 @@ class CuMAModel(RoutedTuner):
     def _pre_injection_hook(self, model: nn.Module, config: CuMAConfig, adapter_name: str) -> None:
         if not hasattr(self, "routing_scope"):
             self.cuma_profile_proj = nn.ModuleDict({})
+            self.cuma_profile_stats = nn.ModuleDict({})
             self.routing_scope = RoutingScope("cuma", profile_proj=self.cuma_profile_proj)
+            # the fitted profile statistics, read by the layers through the scope like the projections
+            self.routing_scope.profile_stats = self.cuma_profile_stats
             hooks = CallHooks(self.routing_scope, profile_widths=self._active_profile_dims,
                               checkpoint_layers=checkpoint_layers_of(model))
             self._call_hook_handles = hooks.install(model)
             self._router_owners: dict[tuple, CuMALayer] = {}
 
     def _ensure_projection(self, config: CuMAConfig, adapter_name: str) -> None:
+        if config.router_profile_center == "train" and adapter_name not in self.cuma_profile_stats:
+            stats = ProfileStats()
+            # an adapter saved before the fitted tensors were buffers: take them from its config, once
+            for name, values in (("center", config.profile_center), ("basis", config.profile_basis)):
+                if values is not None:
+                    stats.set(name, torch.tensor(values, dtype=torch.float32, device=_device_of(self.model)))
+                    stats.from_config.add(name)
+            config.profile_center = config.profile_basis = None
+            self.cuma_profile_stats[adapter_name] = stats
         if adapter_name in self.cuma_profile_proj:
             return
         proj = build_profile_projection(config)
@@ -164,6 +244,16 @@ class CuMAModel(RoutedTuner):
         if self.peft_config[adapter_name].inference_mode and adapter_name in self.cuma_profile_proj:
             self.cuma_profile_proj[adapter_name].requires_grad_(False)
 
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # PEFT maps checkpoint keys to the model's state-dict keys, which hold no unfitted (None) buffer: put the
+        # adapter name into the fitted statistics' keys here
+        out = super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+        stat = re.compile(r"((?:^|\.)cuma_profile_stats)\.(center|basis)$")
+        return {stat.sub(rf"\1.{adapter_name}.\2", k): v for k, v in out.items()}
+
     # -------------------------------------------------------------------------------------------- adapters
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
@@ -175,6 +265,8 @@ class CuMAModel(RoutedTuner):
         super().delete_adapter(adapter_name)
         if adapter_name in self.cuma_profile_proj:
             del self.cuma_profile_proj[adapter_name]
+        if adapter_name in self.cuma_profile_stats:
+            del self.cuma_profile_stats[adapter_name]
         for key in [k for k in self._router_owners if k[0] == adapter_name]:
             del self._router_owners[key]
 

@@ -29,7 +29,10 @@ class HydraLoRAConfig(PeftConfig):
     """
 
     r: int = field(default=8, metadata={"help": "Rank of the shared A and of each B head."})
-    lora_alpha: int = field(default=16, metadata={"help": "scaling = lora_alpha / r (or / sqrt(r) with rsLoRA)."})
+    lora_alpha: Optional[int] = field(
+        default=None,
+        metadata={"help": "LoRA alpha; scaling = lora_alpha / r (or / sqrt(r) with use_rslora). Default: 2 * r."},
+    )
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the input of A (not on the router input)."})
     use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha / sqrt(r) (rsLoRA)."})
     num_experts: int = field(default=8, metadata={"help": "Number of B heads N (the paper's 'heads')."})
@@ -40,7 +43,7 @@ class HydraLoRAConfig(PeftConfig):
     router_bias: Optional[bool] = field(
         default=None, metadata={"help": "Biases in the router; default: none for the linear router, yes for the MLP."}
     )
-    fast_path: str = field(
+    fast_path: Literal["off", "fused", "triton"] = field(
         default="off",
         metadata={
             "help": "How the delta is computed: 'off' (reference path), 'fused' (static-shape, compile-friendly "
@@ -58,9 +61,15 @@ class HydraLoRAConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "B heads = 0 at initialisation, so the adapted model starts as the base model."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
-    modules_to_save: Optional[list[str]] = field(default=None)
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Adapt only the layers with these indices (default: every layer)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list layers_to_transform indexes (PEFT's option)."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
+    )
     bias: Literal["none", "all", "hydralora_only"] = field(
         default="none",
         metadata={"help": "Biases to train (PEFT's options): 'none', 'all', or 'hydralora_only' (adapted layers' own)."},
@@ -77,6 +86,8 @@ class HydraLoRAConfig(PeftConfig):
         self.exclude_modules = (
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )
+        if self.lora_alpha is None and isinstance(self.r, int):
+            self.lora_alpha = 2 * self.r
         self.validate()
 
     @property

@@ -32,7 +32,10 @@ class MixLoRAConfig(PeftConfig):
     """
 
     r: int = field(default=8, metadata={"help": "LoRA rank of the attention LoRA (and of the experts by default)."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha; scaling = alpha / r (or alpha / sqrt(r))."})
+    lora_alpha: Optional[int] = field(
+        default=None,
+        metadata={"help": "LoRA alpha; scaling = lora_alpha / r (or / sqrt(r) with use_rslora). Default: 2 * r."},
+    )
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA inputs."})
     use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha / sqrt(r) (rsLoRA)."})
     expert_r: Optional[int] = field(default=None, metadata={"help": "Rank of the expert LoRAs (default: r)."})
@@ -60,9 +63,15 @@ class MixLoRAConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "LoRA B = 0 at initialisation, so the adapted model starts as the base model."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
-    modules_to_save: Optional[list[str]] = field(default=None)
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Adapt only the layers with these indices (default: every layer)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list layers_to_transform indexes (PEFT's option)."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
+    )
     bias: Literal["none", "all", "mixlora_only"] = field(
         default="none",
         metadata={"help": "Biases to train (PEFT's options): 'none', 'all', or 'mixlora_only' (adapted layers' own)."},
@@ -84,6 +93,8 @@ class MixLoRAConfig(PeftConfig):
         self.exclude_modules = (
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )
+        if self.lora_alpha is None and isinstance(self.r, int):
+            self.lora_alpha = 2 * self.r
         self.validate()
 
     @property
