@@ -40,7 +40,11 @@ def test_demo_quick_writes_the_report(tmp_path):
     data = load_prepared(work / "data" / "prepared")
     rows = sorted({r["profile_index"] for r in data.train})
     assert saved["router_profile_center"] == "train"
-    assert torch.allclose(torch.tensor(saved["profile_center"]), data.profile_embeds[rows].mean(0), atol=1e-6)
+    from safetensors.torch import load_file
+
+    weights = load_file(work / "adapters" / "cuma" / "adapter_model.safetensors")
+    center = weights["base_model.cuma_profile_stats.center"]
+    assert torch.allclose(center, data.profile_embeds[rows].mean(0), atol=1e-6)
     semantic = json.loads((work / "adapters" / "cuma-semantic" / "adapter_config.json").read_text())
     assert semantic["router_profile_center"] == "none" and semantic["profile_center"] is None
     assert results["routing"]["held_out"] == results["held_out_countries"]
@@ -114,8 +118,12 @@ def test_demo_training_config_is_built_from_the_demo_config(tmp_path):
 def test_demo_fast_conditioning_is_declared_once():
     from cuma import demo
 
-    assert demo.method_options("cuma", "fast").items() >= demo.CUMA_FAST_OPTIONS.items()
-    assert not set(demo.method_options("cuma", "paper")) & set(demo.CUMA_FAST_OPTIONS)
-    assert "router_profile_center" not in demo.method_options("cuma-semantic", "fast")  # it reads no profile
+    from cuma.tuners.cuma.config import CONDITIONING_PRESETS
+
+    # the demo names the preset; the preset (CuMAConfig.conditioning) is the one place its option values live
+    assert demo.method_options("cuma", "fast")["conditioning"] == "fast"
+    assert demo.method_options("cuma", "paper")["conditioning"] == "paper"
+    assert not set(demo.method_options("cuma", "fast")) & set(CONDITIONING_PRESETS["fast"])
+    assert demo.method_options("cuma-semantic", "fast")["conditioning"] == "fast"
     with pytest.raises(ValueError, match="--conditioning"):
         demo.method_options("cuma", "quick")

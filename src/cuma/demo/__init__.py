@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from .cli import add_arguments, config_from_args, run
 from .config import (
-    CUMA_FAST_OPTIONS,
     DEMO_PROFILE_FIELDS,
     DEMO_ZONES,
     METHOD_LABELS,
@@ -41,7 +40,6 @@ from .recipe import (
 from .report import claim_row, command_line
 
 __all__ = [
-    "CUMA_FAST_OPTIONS",
     "DEMO_PROFILE_FIELDS",
     "DEMO_ZONES",
     "METHOD_LABELS",

@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 __all__ = [
-    "CUMA_FAST_OPTIONS",
     "DEMO_PROFILE_FIELDS",
     "DEMO_ZONES",
     "METHOD_COLORS",
@@ -34,10 +33,6 @@ METHOD_COLORS = {"persona": "#999999", "lora": "#4c72b0", "cuma-semantic": "#dd8
 DEMO_ZONES = ("Protestant Europe", "Orthodox Europe", "Confucian", "African-Islamic", "Latin America")
 DEMO_PROFILE_FIELDS = ("B_COUNTRY", "X003R", "Q260", "Q289")  # country, age group, gender, religion
 
-# CuMA's fast conditioning: router inputs balanced in scale between token and profile, a profile-led initial
-# routing, and the profile input centred on the training profiles' mean ("paper": the paper's raw concat).
-# replaced by the conditioning preset at merge
-CUMA_FAST_OPTIONS = {"router_input_norm": "balanced", "router_token_init_scale": 0.1, "router_profile_center": "train"}
 
 
 @dataclass
@@ -78,7 +73,7 @@ class DemoConfig:
     lr_scheduler: str = "linear"  # constant | linear (decays to 0 over the steps) | cosine
     router_learning_rate: Optional[float] = 6e-3  # the routers' lr (methods with routers only); None: the method's lr
     loraplus_lr_ratio: Optional[float] = None  # LoRA+: B matrices at this multiple of the lr; None: off
-    conditioning: str = "fast"  # CuMA's router: "fast" (CUMA_FAST_OPTIONS) or "paper" (the paper's raw concat)
+    conditioning: str = "fast"  # CuMA's router preset (CuMAConfig.conditioning): "fast" or "paper" (the paper's raw concat)
     curve_points: int = 2  # valid evaluations during training (the learning-curve figure); 0: none
     eval_batch_size: int = 16  # prompts per evaluation forward
     # every training batch runs as this many micro-batches of similar length, each padded only to its own longest
@@ -125,16 +120,15 @@ def has_routers(method: str) -> bool:
 
 def method_options(method: str, conditioning: str = "fast") -> dict:
     """The options the demo trains ``method`` with: r=8 (alpha 16) for every method; the mixtures add 8 experts,
-    top-2, router hidden 256 and, with ``conditioning="fast"``, :data:`CUMA_FAST_OPTIONS`. Options a method does not
-    have are left out (semantic-only CuMA reads no profile)."""
+    top-2, router hidden 256 and the router preset ``conditioning`` (:class:`cuma.CuMAConfig`; the preset itself leaves
+    out what a variant has no input for: semantic-only CuMA reads no profile). Options a method does not have are left
+    out."""
     from .. import methods
 
     if method == "lora":
         return {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
-    options = {"r": 8, "lora_alpha": 16, "num_experts": 8, "top_k": 2, "router_hidden": 256}
-    if conditioning == "fast":
-        options.update(CUMA_FAST_OPTIONS)
-    elif conditioning != "paper":
+    options = {"r": 8, "lora_alpha": 16, "num_experts": 8, "top_k": 2, "router_hidden": 256, "conditioning": conditioning}
+    if conditioning not in ("fast", "paper"):
         raise ValueError(f"--conditioning must be 'fast' or 'paper', got {conditioning!r}")
     accepted = methods.get_spec(method).options
     return {k: v for k, v in options.items() if k in accepted}
