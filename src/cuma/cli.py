@@ -48,9 +48,23 @@ def main(argv: list[str] | None = None) -> int:
     mod = importlib.import_module(args._module)
     try:
         return int(mod.run(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError, ModelLoadError, EncoderLoadError) as err:
+    except (ValueError, ImportError, ModelLoadError, EncoderLoadError) as err:
         print(f"cuma {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # FileNotFoundError, PermissionError, NotADirectoryError, a full disk ...: one line
+        print(f"cuma {args.command}: error: {os_error_text(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cuma {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def os_error_text(err: OSError) -> str:
+    """An OS error in one line, naming its path(s): "cannot write runs/x (Permission denied)"."""
+    paths = [p for p in (getattr(err, "filename", None), getattr(err, "filename2", None)) if p is not None]
+    if not paths or not err.strerror:
+        return str(err)
+    return f"{' -> '.join(str(p) for p in paths)}: {err.strerror}"
 
 
 if __name__ == "__main__":

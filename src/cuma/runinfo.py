@@ -28,6 +28,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_output_dir",
+    "check_output_file",
     "dumps",
     "environment_record",
     "not_utf8_error",
@@ -205,6 +207,58 @@ def staged_directory(target: PathLike, last: Iterable[str] = ()) -> Iterator[Pat
             os.replace(entry, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- output checks
+
+
+def _describe_os_error(err: OSError) -> str:
+    return err.strerror or type(err).__name__
+
+
+def check_output_dir(path: PathLike, option: str = "output") -> Path:
+    """Check, before any work starts, that the folder ``path`` can be created (or exists) and written, and leave
+    nothing behind: the missing folders are made, a probe file is written and removed, and the folders made are
+    removed again. A file in the way, a read-only folder or any other OS error is a ValueError naming ``option`` and
+    the path. Returns the path."""
+    target = Path(path).expanduser()
+    option_text = f"{option}={os.fspath(path)!r}"
+    # the nearest existing ancestor must be a folder; the first file on the way is named
+    missing: list[Path] = []
+    probe = target
+    while not probe.exists():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "exists and is not a folder" if probe == target else f"cannot be made: {probe} is a file, not a folder"
+        raise ValueError(f"{option_text}: {where}")
+    made: list[Path] = []
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            made.append(d)
+        fd, tmp = tempfile.mkstemp(prefix=".cuma-write-check.", dir=target)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        failed = Path(err.filename) if getattr(err, "filename", None) else target
+        raise ValueError(f"{option_text}: cannot write there ({_describe_os_error(err)}: {failed})") from None
+    finally:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+    return target
+
+
+def check_output_file(path: PathLike, option: str = "output") -> Path:
+    """:func:`check_output_dir` for the folder of the file ``path``; a folder at ``path`` itself is an error."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ValueError(f"{option}={os.fspath(path)!r}: is a folder, expected a file path")
+    check_output_dir(target.parent if str(target.parent) else Path("."), option=f"{option} (its folder)")
+    return target
 
 
 # ---------------------------------------------------------------------------------------------------------- reading
