@@ -60,7 +60,7 @@ def test_kill_during_a_checkpoint_save_then_latest_resumes_from_the_last_complet
 
     resumed = run_cli(argv(tiny_model_dir, tiny_prepared, out, 4, "--train.resume_from_checkpoint", "latest"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "skipping checkpoint-4: incomplete (no trainer_state.json" in resumed.stderr
+    assert "skipping checkpoint-4: incomplete (no trainer_state.json: the save was cut" in resumed.stderr
     assert "resuming from" in resumed.stderr and "checkpoint-2 (step 2)" in resumed.stderr
     # the resumed run ends where the uninterrupted one does, and the cut checkpoint was written again, complete
     a, b = load_file(str(full_run / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
@@ -161,3 +161,21 @@ def test_an_os_error_escaping_a_command_is_one_line(monkeypatch, capsys):
     assert cli.main(["train", "sft", "--train.report_to", "none"]) == 2
     err = capsys.readouterr().err
     assert err == "cuma train: error: /somewhere/adapter_model.safetensors: Permission denied\n"
+
+
+@pytest.mark.parametrize("stage", ["dpo", "grpo"])
+def test_preference_stages_share_the_resume_and_output_checks(stage, tmp_path, capsys):
+    """DPO and GRPO run the same checks before loading anything: a folder with checkpoints is not retrained
+    silently, a cut checkpoint is named, an output folder under a file fails at once."""
+    out = tmp_path / "run"
+    cut = out / "checkpoint-3"
+    cut.mkdir(parents=True)
+    (cut / "adapter_model.safetensors").write_bytes(b"weights")
+    base = ["train", stage, "--data.path", str(tmp_path / "no-data"), "--train.report_to", "none"]
+    assert cli.main(base + ["--train.output_dir", str(out)]) == 2
+    assert "already holds checkpoints of an earlier run (checkpoint-3)" in capsys.readouterr().err
+    assert cli.main(base + ["--train.output_dir", str(out), "--train.resume_from_checkpoint", "latest"]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    assert cli.main(base + ["--train.output_dir", str(tmp_path / "f" / "run")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err

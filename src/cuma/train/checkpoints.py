@@ -55,7 +55,7 @@ def why_incomplete(path: os.PathLike | str) -> Optional[str]:
     m = _NAME.match(path.name)
     state_file = path / TRAINER_STATE
     if not state_file.is_file():
-        return f"no {TRAINER_STATE} (the save was cut before its last file)"
+        return f"no {TRAINER_STATE}: the save was cut before its last file"
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
         step = int(state["global_step"])
