@@ -11,6 +11,7 @@ import json
 import math
 import signal
 import threading
+import time
 
 import httpx
 import pytest
@@ -157,11 +158,11 @@ def test_shutdown_with_streams_in_flight(serve_dirs, sig):
             text, finish = [], None
             first = True
             for ev in stream:
+                if first:  # the role chunk: the request is in the engine
+                    first = False
+                    started.release()
                 if ev.choices and ev.choices[0].delta.content:
                     text.append(ev.choices[0].delta.content)
-                    if first:
-                        first = False
-                        started.release()
                 if ev.choices and ev.choices[0].finish_reason:
                     finish = ev.choices[0].finish_reason
             results[key] = ("ok", finish)
@@ -177,7 +178,7 @@ def test_shutdown_with_streams_in_flight(serve_dirs, sig):
             for line in r.iter_lines():
                 if line:
                     lines.append(line)
-                    if len(lines) == 2:  # the role chunk, then the first text
+                    if len(lines) == 1:  # the role chunk: the request is in the engine
                         started.release()
         results[key] = lines
 
@@ -190,6 +191,10 @@ def test_shutdown_with_streams_in_flight(serve_dirs, sig):
         for _ in jobs:
             assert started.acquire(timeout=60)
         proc.proc.send_signal(sig)
+        for _ in range(600):  # until the signal is handled: /health turns 503 when the drain begins
+            if httpx.get(proc.url + "/health", timeout=10).status_code == 503:
+                break
+            time.sleep(0.05)
         late = httpx.post(proc.url + "/v1/chat/completions", json=_chat(2), timeout=30)
         for t in threads:
             t.join(60)
