@@ -179,3 +179,37 @@ def test_preference_stages_share_the_resume_and_output_checks(stage, tmp_path, c
     (tmp_path / "f").write_text("x")
     assert cli.main(base + ["--train.output_dir", str(tmp_path / "f" / "run")]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_trainer_train_true_takes_the_newest_complete_checkpoint(full_run, tmp_path, capsys):
+    """``trainer.train(resume_from_checkpoint=True)`` (Transformers' spelling, from Python) skips a cut checkpoint
+    too, and the whole-run loss uses the loss sum recorded in the checkpoint it resumed from."""
+    import shutil
+    from types import SimpleNamespace
+
+    from transformers.trainer_utils import TrainOutput
+
+    from cuma.train.checkpoints import CheckpointMixin
+
+    out = tmp_path / "run"
+    shutil.copytree(full_run / "checkpoint-2", out / "checkpoint-2")
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "optimizer.pt").write_bytes(b"")
+    seen = {}
+
+    class Base:
+        def train(self, resume_from_checkpoint=None, **kwargs):
+            seen["resume"] = resume_from_checkpoint
+            self._initial_global_step, self.state.global_step = 2, 4
+            return TrainOutput(4, 1.0, {})  # this call's steps 3-4 had a mean loss of 1.0
+
+    class Trainer(CheckpointMixin, Base):
+        args = SimpleNamespace(output_dir=str(out))
+        state = SimpleNamespace(global_step=0)
+
+    trainer = Trainer()
+    trainer.train(resume_from_checkpoint=True)
+    assert seen["resume"] == str(out / "checkpoint-2")
+    assert "skipping checkpoint-4: incomplete" in capsys.readouterr().err
+    before = json.loads((out / "checkpoint-2" / "cuma_checkpoint.json").read_text())["train_loss_sum"]
+    assert trainer.whole_run_loss == pytest.approx((before + 2 * 1.0) / 4)

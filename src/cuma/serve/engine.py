@@ -210,7 +210,9 @@ class Engine:
             if id(seq.req) not in told and seq.finish_reason is None and not seq.req.cancelled:
                 told.add(id(seq.req))
                 self._send(seq.req, ("error", 503, "the server is shutting down"))
+                seq.req.cancelled = True  # told once, also when stop() is called again
         self._waiting.clear()
+        self._batch = None
         for job in list(self._choices):
             if not job.cancelled:
                 job.done(EngineUnavailable("the server is shutting down"))

@@ -172,6 +172,10 @@ class CheckpointMixin:
     a resume (:attr:`whole_run_loss`)."""
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:  # Transformers' "the last checkpoint": the newest *complete* one here
+            resume = resolve_resume(self.args.output_dir, "latest")
+            resume.say("cuma")
+            resume_from_checkpoint = None if resume.checkpoint is None else str(resume.checkpoint)
         ckpt = Path(resume_from_checkpoint) if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
         self._loss_sum_before = loss_sum_at(ckpt)
         self._resumed_step = 0
