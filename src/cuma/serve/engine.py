@@ -179,6 +179,7 @@ class Engine:
         self._mergeable = True
         self._stopping = False
         self._draining = False
+        self._working = False  # the worker holds work it took from the queues (set and read under the lock)
         self._thread: Optional[threading.Thread] = None
         self._eos = list(served.eos_ids)
         self._device = served.device
@@ -226,7 +227,9 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return self._batch is None and not self._waiting and not self._choices
+        """Nothing running, waiting or being admitted (work the worker took from a queue counts until it is done)."""
+        with self._cv:
+            return not self._working and self._batch is None and not self._waiting and not self._choices
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every running and waiting row to finish; True when they did."""
@@ -329,6 +332,7 @@ class Engine:
                     if self._mergeable or running == 0:
                         while self._waiting and running + len(admit) < self.max_batch_size:
                             admit.append(self._waiting.popleft())
+                    self._working = True
                 try:
                     if cancels:
                         self._drop_requests(cancels)
@@ -341,6 +345,9 @@ class Engine:
                 except Exception as err:  # noqa: BLE001 - a failing forward must not take the server down
                     logger.exception("cuma serve: engine step failed")
                     self._fail_all(admit, err)
+                finally:
+                    with self._cv:
+                        self._working = False
 
     def _send(self, req: GenRequest, event: tuple) -> None:
         if req.cancelled and event[0] != "error":
