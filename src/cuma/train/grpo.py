@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Optional
 
 import torch

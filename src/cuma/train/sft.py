@@ -12,7 +12,6 @@ import re
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
