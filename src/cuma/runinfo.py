@@ -213,6 +213,9 @@ def staged_directory(target: PathLike, last: Iterable[str] = ()) -> Iterator[Pat
 # ---------------------------------------------------------------------------------------------------------- output checks
 
 
+_PROBE = ".cuma-write-check."
+
+
 def _describe_os_error(err: OSError) -> str:
     return err.strerror or type(err).__name__
 
@@ -245,7 +248,7 @@ def check_output_dir(path: PathLike, option: str = "output") -> Path:
             d.mkdir(exist_ok=shared)
             if not shared:
                 made.append(d)
-        fd, tmp = tempfile.mkstemp(prefix=".cuma-write-check.", dir=target)
+        fd, tmp = tempfile.mkstemp(prefix=_PROBE, dir=target)
         os.close(fd)
         os.unlink(tmp)
     except OSError as err:
@@ -263,7 +266,8 @@ def check_output_folder(path: PathLike, option: str = "--out", overwrite: Option
     False (a command that has an ``--overwrite`` flag, not given) a folder that exists and is not empty is an error
     rather than having its files replaced one by one at the end."""
     target = check_output_dir(path, option)
-    if overwrite is False and target.is_dir() and any(target.iterdir()):
+    # another rank's probe file (a multi-process launch checks on every rank at once) does not make it non-empty
+    if overwrite is False and target.is_dir() and any(not p.name.startswith(_PROBE) for p in target.iterdir()):
         raise ValueError(f"{option} {os.fspath(path)}: the folder exists and is not empty; pass --overwrite to replace "
                          "its files, or choose another folder")
     return target

@@ -452,7 +452,7 @@ class Engine:
         out = logits.argmax(dim=-1)
         for r, s in enumerate(seqs):
             p = s.req.params
-            if p.temperature <= 0 or p.temperature < _TINY or s.req.cancelled:
+            if p.temperature < _TINY or s.req.cancelled:
                 continue  # greedy; a temperature that underflows float32 divides by zero, and its limit is greedy
             try:
                 out[r] = self._sample_row(logits[r], p, s.generator)
