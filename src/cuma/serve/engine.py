@@ -180,6 +180,7 @@ class Engine:
         self._stopping = False
         self._draining = False
         self._working = False  # the worker holds work it took from the queues (set and read under the lock)
+        self._stop_lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._eos = list(served.eos_ids)
         self._device = served.device
@@ -205,19 +206,20 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        told = set()
-        running = list(self._batch.seqs) if self._batch is not None else []
-        for seq in running + list(self._waiting):
-            if id(seq.req) not in told and seq.finish_reason is None and not seq.req.cancelled:
-                told.add(id(seq.req))
-                self._send(seq.req, ("error", 503, "the server is shutting down"))
-                seq.req.cancelled = True  # told once, also when stop() is called again
-        self._waiting.clear()
-        self._batch = None
-        for job in list(self._choices):
-            if not job.cancelled:
-                job.done(EngineUnavailable("the server is shutting down"))
-        self._choices.clear()
+        with self._stop_lock:  # a second signal may stop the engine while the drain thread does
+            told = set()
+            running = list(self._batch.seqs) if self._batch is not None else []
+            for seq in running + list(self._waiting):
+                if id(seq.req) not in told and seq.finish_reason is None and not seq.req.cancelled:
+                    told.add(id(seq.req))
+                    self._send(seq.req, ("error", 503, "the server is shutting down"))
+                    seq.req.cancelled = True  # told once, also when stop() is called again
+            self._waiting.clear()
+            self._batch = None
+            for job in list(self._choices):
+                if not job.cancelled:
+                    job.done(EngineUnavailable("the server is shutting down"))
+            self._choices.clear()
 
     def begin_drain(self) -> None:
         """Refuse new requests from now on; what is running or waiting goes on (see :meth:`wait_idle`)."""
