@@ -131,6 +131,7 @@ def test_bad_values_over_http_never_fail_a_batch_mate(serve_dirs):
             r1 = client.post("/v1/choice", json={"question": "Is family important?", "options": ["Yes", "No"],
                                                  "profiles": [{"country": "Egypt", "extra": {"n": HUGE}}]})
             assert r1.status_code == 400 and r1.json()["error"]["param"] == "profiles[0].extra.n"
+            assert r1.headers.get("connection") != "close"  # the server keeps the connection
             assert client.post("/v1/chat/completions", json=_chat(2)).status_code == 200
     finally:
         output = proc.output()
