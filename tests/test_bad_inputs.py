@@ -618,6 +618,69 @@ def _(ctx):
                  "--profile-fields", "B_COUNTRY,X003R"], ["profile_fields", "Q289", "latent mode"], ctx.tmp / "syn")
 
 
+# --- output locations: checked before any work (a file in the way, a non-empty --out without --overwrite)
+
+
+def _file_in_the_way(ctx: Ctx) -> Path:
+    blocker = ctx.tmp / "blocker"
+    blocker.write_text("a file, not a folder\n")
+    return blocker
+
+
+@row("output/eval-wvb-out-not-empty")
+def _(ctx):
+    out = ctx.tmp / "out"
+    out.mkdir()
+    (out / "summary.json").write_text('{"earlier": "run"}\n')
+    return Case(_eval_wvb(ctx, ctx.prepared, "--method", "vanilla"), ["--out", "not empty", "--overwrite"],
+                untouched=[out / "summary.json"])
+
+
+@row("output/eval-choice-out-not-empty")
+def _(ctx):
+    out = ctx.tmp / "o"
+    out.mkdir()
+    (out / "predictions.jsonl").write_text("{}\n")
+    return Case(["eval", "choice", "--model", str(ctx.model), "--method", "vanilla", "--data", str(ctx.choice),
+                 "--out", str(out)], ["--out", "not empty", "--overwrite"], untouched=[out / "predictions.jsonl"])
+
+
+@row("output/eval-wvb-out-under-a-file")
+def _(ctx):
+    blocker = _file_in_the_way(ctx)
+    return Case(["eval", "wvb", "--model", str(ctx.model), "--method", "vanilla", "--data", str(ctx.prepared),
+                 "--out", str(blocker / "out")], ["--out", "is a file, not a directory"], untouched=[blocker])
+
+
+@row("output/train-output-dir-under-a-file")
+def _(ctx):
+    blocker = _file_in_the_way(ctx)
+    return Case(_sft(ctx, "--train.output_dir", str(blocker / "run"), "--train.save_strategy", "no"),
+                ["train.output_dir", "is a file, not a directory"], untouched=[blocker])
+
+
+@row("output/data-synth-out-under-a-file")
+def _(ctx):
+    blocker = _file_in_the_way(ctx)
+    return Case(["data", "synth", "--out", str(blocker / "syn"), "--participants", "100", "--questions", "4"],
+                ["--out", "is a file, not a directory"], untouched=[blocker])
+
+
+@row("output/data-wvb-out-not-empty")
+def _(ctx):
+    out = ctx.tmp / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}\n")
+    return Case(_data_wvb(ctx, WVB), ["--out", "not empty", "--overwrite"], untouched=[out / "manifest.json"])
+
+
+@row("output/analyze-out-under-a-file")
+def _(ctx):
+    blocker = _file_in_the_way(ctx)
+    return Case(["analyze", "collapse", "--runs", str(ctx.tmp), "--out", str(blocker / "a")],
+                ["--out", "is a file, not a directory"], untouched=[blocker])
+
+
 # ---------------------------------------------------------------------------------------------------- the table
 
 

@@ -194,7 +194,7 @@ def test_dispatch_through_cuma_cli(workspace, tmp_path, capsys):
     assert cli.main(argv) == 0
     assert json.loads((out / "summary.json").read_text())["counts"]["pairs"] == 3
     assert cli.main(["eval", "wvb", "--model", workspace["model"], "--method", "lora", "--data", workspace["data"],
-                     "--out", str(out), "--no-progress"]) == 2
+                     "--out", str(out), "--no-progress", "--overwrite"]) == 2
     assert "--adapter" in capsys.readouterr().err
 
 

@@ -361,3 +361,59 @@ def test_prepare_with_the_embedded_encoder(tmp_path):
     expected = enc.encode([rec["profile_text"]])[0]
     assert np.allclose(e[rec["profile_index"]].numpy(), expected.numpy(), atol=1e-5)
     assert read_jsonl(tmp_path / "p" / "profiles.jsonl")[rec["profile_index"]]["profile_text"] == rec["profile_text"]
+
+
+# ------------------------------------------------------------------------------------------------ tables cut mid-row
+
+
+def _cut(path: Path, keep_chars_of_last_row: int) -> str:
+    """Cut ``path`` inside its last row (no line end after it), as a copy that stopped would; returns the cut text."""
+    text = path.read_text()
+    body, last = text.rstrip("\n").rsplit("\n", 1)
+    path.write_text(body + "\n" + last[:keep_chars_of_last_row])
+    return last[:keep_chars_of_last_row]
+
+
+def test_value_table_cut_mid_row_is_an_error_naming_file_and_line(copy):
+    f = copy / "WorldValuesBench" / "train" / "train_value_qa.tsv"
+    lines = f.read_text().count("\n")
+    _cut(f, 30)  # a few fields of the last participant's row
+    with pytest.raises(ValueError, match=rf"train_value_qa.tsv: line {lines}: \d+ tab-separated fields, but the "
+                                         r"header has \d+; the file ends inside this row.*cut off"):
+        load_wvb(copy)
+
+
+def test_demographic_table_cut_inside_a_value_is_an_error(copy):
+    f = copy / "WorldValuesBench" / "test" / "test_demographic_qa.tsv"
+    lines = f.read_text().count("\n")
+    cut = _cut(f, len(f.read_text().rstrip("\n").rsplit("\n", 1)[1]) - 3)  # inside the last field's value
+    assert cut.count("\t") == 9  # every field is there: only the missing line end shows the cut
+    with pytest.raises(ValueError, match=rf"test_demographic_qa.tsv: line {lines} \(the last\) has no line end"):
+        load_wvb(copy)
+
+
+@pytest.mark.parametrize("kind", ["value", "demographic"])
+def test_rows_with_more_or_fewer_fields_than_the_header_are_errors(copy, kind):
+    f = copy / "WorldValuesBench" / "valid" / f"valid_{kind}_qa.tsv"
+    text = f.read_text().split("\n")
+    text[2] = text[2] + "\textra"  # one field too many (pandas would read the first field as an index)
+    f.write_text("\n".join(text))
+    with pytest.raises(ValueError, match=rf"valid_{kind}_qa.tsv: line 3: (\d+) tab-separated fields, but the header "
+                                         r"has \d+; expected one field per header column"):
+        load_wvb(copy)
+    text[2] = text[2].rsplit("\t", 2)[0]  # one field too few
+    f.write_text("\n".join(text))
+    with pytest.raises(ValueError, match=rf"valid_{kind}_qa.tsv: line 3: "):
+        load_wvb(copy)
+
+
+def test_cut_table_through_the_cli_is_one_line_and_writes_nothing(copy, tmp_path, capsys):
+    from cuma import cli
+
+    _cut(copy / "WorldValuesBench" / "train" / "train_value_qa.tsv", 30)
+    out = tmp_path / "prepared"
+    assert cli.main(["data", "wvb", "--wvb", str(copy), "--out", str(out), "--train-pairs", "all", "--test-pairs", "all",
+                     "--no-embeddings"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train_value_qa.tsv: line" in err and "cut off" in err
+    assert not out.exists()

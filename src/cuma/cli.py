@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module, one-line help)
@@ -22,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # commands that take free-form `--section.key value` overrides after their own options
 ACCEPTS_OVERRIDES = {"train"}
+# options that name a command's output folder: checked (creatable, writable; not empty unless --overwrite where the
+# command has that flag) before the command starts work, so a bad path fails in a second, not after the work
+OUTPUT_OPTIONS = ("out", "work", "prepare")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,10 +51,36 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra
     mod = importlib.import_module(args._module)
     try:
+        check_outputs(args)
         return int(mod.run(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError, ModelLoadError, EncoderLoadError) as err:
+    except (ValueError, ImportError, ModelLoadError, EncoderLoadError) as err:
         print(f"cuma {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # FileNotFoundError, PermissionError, NotADirectoryError, a full disk ...: one line
+        print(f"cuma {args.command}: error: {os_error_text(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cuma {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """:func:`cuma.runinfo.check_output_folder` for each output option of the parsed command."""
+    from .runinfo import check_output_folder
+
+    for name in OUTPUT_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, (str, os.PathLike)) and str(value):
+            overwrite = getattr(args, "overwrite", None) if name != "work" else None
+            check_output_folder(value, f"--{name}", overwrite=overwrite if isinstance(overwrite, bool) else None)
+
+
+def os_error_text(err: OSError) -> str:
+    """An OS error in one line, naming its path(s): "cannot write runs/x (Permission denied)"."""
+    paths = [p for p in (getattr(err, "filename", None), getattr(err, "filename2", None)) if p is not None]
+    if not paths or not err.strerror:
+        return str(err)
+    return f"{' -> '.join(str(p) for p in paths)}: {err.strerror}"
 
 
 if __name__ == "__main__":

@@ -151,6 +151,9 @@ def _is_na_object(value: Any) -> bool:
     return type(value).__name__ in ("NAType", "NaTType")
 
 
+MAX_INTEGER = 10**18  # larger integers in a profile field are an error (no label or code is that long)
+
+
 def is_missing(value: Any) -> bool:
     """True for ``None``, NaN, empty strings, negative codes and the labels in :data:`MISSING_VALUES`.
 
@@ -160,10 +163,12 @@ def is_missing(value: Any) -> bool:
         return True
     if isinstance(value, bool):
         return False
+    if isinstance(value, numbers.Integral):
+        return int(value) < 0  # compared as an integer: float() of a 400-digit number overflows
     if isinstance(value, numbers.Real):
         try:
             fv = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return False
         return math.isnan(fv) or fv < 0
     if isinstance(value, str):
@@ -192,11 +197,18 @@ def normalize_value(value: Any, name: str = "value") -> Optional[str]:
             f"profile field {name!r} must be a string or a number, got {type(value).__name__}: {value!r}"
         )
     if isinstance(value, numbers.Integral):
+        if abs(int(value)) >= MAX_INTEGER:
+            digits = int(int(value).bit_length() * 0.30103) + 1  # str() of a huge int is itself an error
+            raise ValueError(f"profile field {name!r}: a number of about {digits} digits; a profile number must be "
+                             f"below 1e18 (send a label as a string)")
         return str(int(value))
-    fv = float(value)
+    try:
+        fv = float(value)
+    except OverflowError:
+        raise ValueError(f"profile field {name!r} must be finite, got a number too large for a float") from None
     if math.isinf(fv):
         raise ValueError(f"profile field {name!r} must be finite, got {value!r}")
-    return str(int(fv)) if fv.is_integer() else repr(fv)
+    return str(int(fv)) if fv.is_integer() and abs(fv) < MAX_INTEGER else repr(fv)
 
 
 def _extra_label(key: str) -> str:

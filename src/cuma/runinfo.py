@@ -28,6 +28,9 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_output_dir",
+    "check_output_folder",
+    "check_output_file",
     "dumps",
     "environment_record",
     "not_utf8_error",
@@ -205,6 +208,78 @@ def staged_directory(target: PathLike, last: Iterable[str] = ()) -> Iterator[Pat
             os.replace(entry, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- output checks
+
+
+_PROBE = ".cuma-write-check."
+
+
+def _describe_os_error(err: OSError) -> str:
+    return err.strerror or type(err).__name__
+
+
+def check_output_dir(path: PathLike, option: str = "output") -> Path:
+    """Check, before any work starts, that the folder ``path`` can be created (or exists) and written, and leave
+    nothing behind: the missing folders are made, a probe file is written and removed, and the folders made are
+    removed again (kept under a multi-process launch, where every rank checks). A file in the way, a read-only folder
+    or any other OS error is a ValueError naming ``option`` and the path. Returns the path."""
+    target = Path(path).expanduser()
+    option_text = f"{option}={os.fspath(path)!r}"
+    # the nearest existing ancestor must be a folder; the first file on the way is named
+    missing: list[Path] = []
+    probe = target
+    while not probe.exists():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = ("exists and is not a directory" if probe == target
+                 else f"cannot be made: {probe} is a file, not a directory")
+        raise ValueError(f"{option_text}: {where}")
+    made: list[Path] = []
+    # under a multi-process launch every rank checks at once: folders are then made idempotently and kept (the run
+    # writes there anyway), so one rank never removes a folder another is probing
+    shared = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    try:
+        for d in reversed(missing):
+            d.mkdir(exist_ok=shared)
+            if not shared:
+                made.append(d)
+        fd, tmp = tempfile.mkstemp(prefix=_PROBE, dir=target)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        failed = Path(err.filename) if getattr(err, "filename", None) else target
+        raise ValueError(f"{option_text}: cannot write there ({_describe_os_error(err)}: {failed})") from None
+    finally:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+    return target
+
+
+def check_output_folder(path: PathLike, option: str = "--out", overwrite: Optional[bool] = None) -> Path:
+    """A command's output folder, checked before it starts work: :func:`check_output_dir`, and with ``overwrite``
+    False (a command that has an ``--overwrite`` flag, not given) a folder that exists and is not empty is an error
+    rather than having its files replaced one by one at the end."""
+    target = check_output_dir(path, option)
+    # another rank's probe file (a multi-process launch checks on every rank at once) does not make it non-empty
+    if overwrite is False and target.is_dir() and any(not p.name.startswith(_PROBE) for p in target.iterdir()):
+        raise ValueError(f"{option} {os.fspath(path)}: the folder exists and is not empty; pass --overwrite to replace "
+                         "its files, or choose another folder")
+    return target
+
+
+def check_output_file(path: PathLike, option: str = "output") -> Path:
+    """:func:`check_output_dir` for the folder of the file ``path``; a folder at ``path`` itself is an error."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ValueError(f"{option}={os.fspath(path)!r}: is a folder, expected a file path")
+    check_output_dir(target.parent if str(target.parent) else Path("."), option=f"{option} (its folder)")
+    return target
 
 
 # ---------------------------------------------------------------------------------------------------------- reading

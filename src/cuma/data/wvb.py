@@ -21,8 +21,9 @@ codes are missing-value codes and never options). When two raw codes land on the
 
 Missing answers (empty cells, negative codes, labels of missing-value codes) and answers outside the adjusted scale
 are dropped and counted per reason, per split and per question in :attr:`WVBData.dropped`; malformed input (a
-missing column, a non-integer answer that is not a label, a duplicated participant, ...) raises ``ValueError``
-naming the file, the column and what was expected.
+missing column, a non-integer answer that is not a label, a duplicated participant, a row with fewer or more fields
+than the header, a file cut off inside its last row, ...) raises ``ValueError`` naming the file, the column or line
+and what was expected.
 """
 
 from __future__ import annotations
@@ -421,11 +422,43 @@ def load_questions(
 # ---------------------------------------------------------------------------------------------------------- TSVs
 
 
+def _check_row_lengths(path: Path) -> None:
+    """Every row has exactly the header's number of fields, and the file ends with a line end. pandas fills a short
+    row with empty cells (they would count as unanswered questions) and reads a row one field too long with its first
+    field as an index, so a table cut mid-row (a copy that stopped, a disk that filled) would load without a word.
+    Blank lines are skipped, as pandas skips them."""
+    import csv
+    import io
+
+    text = read_text(path)
+    ends_cut = bool(text) and not text.endswith(("\n", "\r"))
+    lines = text.count("\n") + (1 if ends_cut else 0)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quotechar='"')
+    width = None
+    for fields in reader:
+        if not fields or fields == [""]:
+            continue
+        if width is None:
+            width = len(fields)
+            continue
+        if len(fields) != width:
+            cut = ends_cut and reader.line_num == lines
+            raise ValueError(
+                f"{path}: line {reader.line_num}: {len(fields)} tab-separated fields, but the header has {width}"
+                + ("; the file ends inside this row without a line end: it looks cut off (copy it again)" if cut
+                   else "; expected one field per header column")
+            )
+    if width is not None and ends_cut:
+        raise ValueError(f"{path}: line {lines} (the last) has no line end: the file looks cut off inside its last "
+                         "row; copy it again (or, if that row is complete, end the file with a newline)")
+
+
 def _read_tsv(path: Path):
     import pandas as pd
 
+    _check_row_lengths(path)
     try:
-        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False)
+        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False, index_col=False)
     except pd.errors.EmptyDataError:
         raise ValueError(f"{path}: the file is empty; expected a header row starting with {ID_COLUMN}") from None
     except pd.errors.ParserError as err:

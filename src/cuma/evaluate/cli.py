@@ -31,6 +31,7 @@ from .wvb import (  # noqa: F401
     read_records,
     validate_records,
 )
+from ..runinfo import check_output_folder
 
 __all__ = ["add_arguments", "run", "run_wvb", "read_records", "validate_records"]
 
@@ -52,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="folder of the trained adapter / model (trained methods only)")
     p.add_argument("--data", required=True, help="prepared-data folder (cuma data wvb / the synthetic generator)")
     p.add_argument("--out", required=True, help="output folder for predictions.tsv and summary.json")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out")
     p.add_argument("--split", default="test", help="which DATA/{split}.jsonl to score (default: test)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per forward (default 32)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N valid records of the split")
@@ -89,6 +91,8 @@ def _add_winrate_parser(sub) -> None:
     w.add_argument("--data", required=True, help="prepared preference folder (cuma data prism / ca)")
     w.add_argument("--split", default="test")
     w.add_argument("--out", required=True)
+    w.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out (the judge cache "
+                   "in it is kept and reused)")
     w.add_argument("--num-samples", type=int, default=None, help="seeded subsample of N prompts (default: all)")
     w.add_argument("--first-turn-only", action="store_true", help="only first-turn prompts")
     w.add_argument("--group-by", default="country", help="profile field for the per-group breakdown")
@@ -127,6 +131,7 @@ def _add_choice_parser(sub) -> None:
     c.add_argument("--adapter", default=None)
     c.add_argument("--data", required=True, help="prepared folder of cuma data ca")
     c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out")
     c.add_argument("--split", default="test")
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--limit", type=int, default=None)
@@ -141,6 +146,7 @@ def _add_choice_parser(sub) -> None:
 
 
 def run_winrate(args: argparse.Namespace) -> int:
+    check_output_folder(args.out, "--out", overwrite=getattr(args, "overwrite", False))
     from .winrate import run_winrate as _run
 
     return _run(args)
@@ -170,6 +176,7 @@ def choice_messages(record: dict, profile_in_prompt: bool, fewshot=None) -> list
 
 
 def run_choice(args: argparse.Namespace) -> int:
+    check_output_folder(args.out, "--out", overwrite=getattr(args, "overwrite", False))
     import numpy as np
     import torch
 
@@ -360,6 +367,7 @@ def _build_method(args, base):
 
 def run_wvb(args: argparse.Namespace) -> int:
     """``cuma eval wvb``; ``--no-progress`` also silences the loading bars of transformers for the run."""
+    check_output_folder(args.out, "--out", overwrite=getattr(args, "overwrite", False))
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import sys
+from typing import Optional
 
 __all__ = ["add_arguments", "run"]
 
@@ -61,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "CUMA_API_KEY)")
     parser.add_argument("--threads", type=_positive("--threads"), default=None,
                         help="torch intra-op threads (default: the CPU cores this process may use)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on SIGTERM / Ctrl-C: seconds the requests in flight may take to finish (new ones get 503 "
+                        "with Retry-After meanwhile); the rest then end with an error event and [DONE]; a second "
+                        "signal stops at once (default 30)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--access-log", action="store_true", help="log every request")
 
@@ -74,6 +79,62 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+STEP_DELAY_ENV = "CUMA_TEST_STEP_DELAY"  # test hook: seconds each decode step sleeps (keeps streams in flight)
+
+
+def _test_step_delay():
+    text = os.environ.get(STEP_DELAY_ENV)
+    if not text:
+        return None
+    import time
+
+    delay = float(text)
+    return lambda rows: time.sleep(delay)
+
+
+def draining_server(config, engine, drain_timeout: float):
+    """A uvicorn server that shuts down gracefully on SIGTERM / SIGINT: the engine stops taking requests (503 with
+    Retry-After), the rows in flight get ``drain_timeout`` seconds to finish, the rest end with an error event (a
+    stream: then ``[DONE]``), and only then does uvicorn close its connections. The signal is handled, not re-raised,
+    so the process exits 0; a second signal skips the wait."""
+    import signal
+    import threading
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        drain_thread: Optional[threading.Thread] = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.drain_thread is not None:  # asked twice: stop now
+                print("cuma serve: stopping now", file=sys.stderr, flush=True)
+                engine.stop(timeout=0.5)
+                self.should_exit = True
+                self.force_exit = True
+                return
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = f"signal {sig}"
+            running = engine.stats()
+            print(f"cuma serve: {name}: shutting down; new requests get 503; waiting up to {drain_timeout:g} s for "
+                  f"{running['running']} running and {running['waiting']} waiting rows", file=sys.stderr, flush=True)
+            engine.begin_drain()
+            self.drain_thread = threading.Thread(target=self._drain, name="cuma-serve-drain", daemon=True)
+            self.drain_thread.start()
+
+        def _drain(self) -> None:
+            finished = engine.wait_idle(drain_timeout)
+            left = engine.stats()
+            engine.stop()  # what is left gets an error event ("the server is shutting down")
+            if not finished:
+                print(f"cuma serve: drain timeout: ended {left['running']} running and {left['waiting']} waiting rows "
+                      "with an error", file=sys.stderr, flush=True)
+            self.should_exit = True
+
+    return DrainingServer(config)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
@@ -84,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     from .serving import Limits
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if not args.drain_timeout >= 0:
+        raise ValueError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
     limits = Limits(max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
@@ -102,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         cores = os.cpu_count() or 1
     torch.set_num_threads(args.threads or max(1, cores))
     engine = Engine(served, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                    max_queue=args.max_queue).start()
+                    max_queue=args.max_queue, decode_hook=_test_step_delay()).start()
     app = create_app(served, engine, api_key=api_key, limits=limits)
     info = served.info
     print(f"cuma serve: {served.name!r} = {info['method']} on {info['base_model']} ({info['device']}, "
@@ -111,9 +174,10 @@ def run(args: argparse.Namespace) -> int:
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.access_log, timeout_graceful_shutdown=5, lifespan="off")
-    server = uvicorn.Server(config)
+    server = draining_server(config, engine, args.drain_timeout)
     try:
         server.run()
     finally:
         engine.stop()
+    print("cuma serve: stopped", file=sys.stderr, flush=True)
     return 0

@@ -12,7 +12,13 @@ away leaves the batch at once, and cache columns that only padding still uses ar
 
 **Per-row sampling.** Temperature 0 is greedy (argmax); otherwise temperature and top-p with a per-row
 ``torch.Generator`` seeded from the request's ``seed`` (+ the choice index), so a seeded request gives the same
-tokens whatever else shares its batch. Logits are computed in the model's dtype and sampled in float32 on the CPU.
+tokens whatever else shares its batch. Logits are computed in the model's dtype and sampled in float32 on the CPU. A
+temperature too small for float32 (below ~1.2e-38) acts as greedy, and top-p always keeps the likeliest token. A row
+whose sampling or decoding still fails ends alone: its request gets an error event and leaves the batch; the other
+rows go on.
+
+**Drain.** :meth:`Engine.begin_drain` refuses new work (:class:`EngineUnavailable`) while the running and waiting
+rows go on; :meth:`Engine.wait_idle` waits for them; :meth:`Engine.stop` ends what is left with an error event.
 
 **Choice scoring** (``/v1/choice``) runs in the same worker between decode steps, through
 :func:`cuma.evaluate.scoring.score_prompts` -- the function ``cuma eval wvb`` scores with.
@@ -40,6 +46,7 @@ logger = logging.getLogger("cuma.serve")
 __all__ = ["ChoiceJob", "Engine", "EngineUnavailable", "GenRequest", "QueueFull", "SamplingParams"]
 
 Sink = Callable[[tuple], None]
+_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32: smaller temperatures decode greedily
 
 
 class QueueFull(Exception):
@@ -171,6 +178,9 @@ class Engine:
         self._batch: Optional[_Batch] = None
         self._mergeable = True
         self._stopping = False
+        self._draining = False
+        self._working = False  # the worker holds work it took from the queues (set and read under the lock)
+        self._stop_lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._eos = list(served.eos_ids)
         self._device = served.device
@@ -196,22 +206,52 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        told = set()
-        running = list(self._batch.seqs) if self._batch is not None else []
-        for seq in running + list(self._waiting):
-            if id(seq.req) not in told and seq.finish_reason is None and not seq.req.cancelled:
-                told.add(id(seq.req))
-                self._send(seq.req, ("error", 503, "the server is shutting down"))
-        self._waiting.clear()
+        with self._stop_lock:  # a second signal may stop the engine while the drain thread does
+            told = set()
+            running = list(self._batch.seqs) if self._batch is not None else []
+            for seq in running + list(self._waiting):
+                if id(seq.req) not in told and seq.finish_reason is None and not seq.req.cancelled:
+                    told.add(id(seq.req))
+                    self._send(seq.req, ("error", 503, "the server is shutting down"))
+                    seq.req.cancelled = True  # told once, also when stop() is called again
+            self._waiting.clear()
+            self._batch = None
+            for job in list(self._choices):
+                if not job.cancelled:
+                    job.done(EngineUnavailable("the server is shutting down"))
+            self._choices.clear()
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on; what is running or waiting goes on (see :meth:`wait_idle`)."""
+        with self._cv:
+            self._draining = True
+            self._cv.notify_all()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running, waiting or being admitted (work the worker took from a queue counts until it is done)."""
+        with self._cv:
+            return not self._working and self._batch is None and not self._waiting and not self._choices
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every running and waiting row to finish; True when they did."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        while not self.idle:
+            if time.monotonic() >= deadline or not (self._thread is not None and self._thread.is_alive()):
+                return self.idle
+            time.sleep(0.02)
+        return True
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._thread is not None and self._thread.is_alive() and not self._stopping and not self._draining
 
     def submit(self, req: GenRequest) -> None:
         """Queue a chat request (all its ``n`` sequences); raises :class:`QueueFull` / :class:`EngineUnavailable`."""
         with self._cv:
-            if self._stopping or (self._thread is not None and not self._thread.is_alive()):
+            if self._stopping or self._draining:
+                raise EngineUnavailable("the server is shutting down")
+            if self._thread is not None and not self._thread.is_alive():
                 raise EngineUnavailable("the engine is not running")
             if self._queued(req.n) > self.max_queue:
                 self.counters["rejected"] += 1
@@ -225,7 +265,9 @@ class Engine:
 
     def submit_choice(self, job: ChoiceJob) -> None:
         with self._cv:
-            if self._stopping or (self._thread is not None and not self._thread.is_alive()):
+            if self._stopping or self._draining:
+                raise EngineUnavailable("the server is shutting down")
+            if self._thread is not None and not self._thread.is_alive():
                 raise EngineUnavailable("the engine is not running")
             if self._queued(1) > self.max_queue:
                 self.counters["rejected"] += 1
@@ -292,6 +334,7 @@ class Engine:
                     if self._mergeable or running == 0:
                         while self._waiting and running + len(admit) < self.max_batch_size:
                             admit.append(self._waiting.popleft())
+                    self._working = True
                 try:
                     if cancels:
                         self._drop_requests(cancels)
@@ -304,6 +347,9 @@ class Engine:
                 except Exception as err:  # noqa: BLE001 - a failing forward must not take the server down
                     logger.exception("cuma serve: engine step failed")
                     self._fail_all(admit, err)
+                finally:
+                    with self._cv:
+                        self._working = False
 
     def _send(self, req: GenRequest, event: tuple) -> None:
         if req.cancelled and event[0] != "error":
@@ -312,6 +358,17 @@ class Engine:
             req.sink(event)
         except Exception:  # noqa: BLE001 - a broken sink is the submitter's problem
             logger.exception("cuma serve: event sink failed")
+
+    def _fail_request(self, req: GenRequest, what: str, err: Exception) -> None:
+        """End one request whose row failed (its sampling or decoding): an error event, then its rows leave the batch
+        (``_accept`` drops the rows of cancelled requests); the rest of the batch goes on."""
+        if req.cancelled:
+            return
+        logger.warning("cuma serve: request %s failed while %s: %s: %s", req.request_id, what, type(err).__name__, err)
+        self.counters["errors"] += 1
+        self._send(req, ("error", 500, f"this request failed while {what} ({type(err).__name__}: {err}); the other "
+                                       "requests of its batch were not affected"))
+        req.cancelled = True
 
     def _fail_all(self, admitted: list[_Seq], err: Exception) -> None:
         seqs = list(admitted) + (list(self._batch.seqs) if self._batch is not None else [])
@@ -397,18 +454,26 @@ class Engine:
         out = logits.argmax(dim=-1)
         for r, s in enumerate(seqs):
             p = s.req.params
-            if p.temperature <= 0:
-                continue
-            probs = torch.softmax(logits[r] / p.temperature, dim=-1)
-            if p.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                keep = (sorted_p.cumsum(0) - sorted_p) < p.top_p
-                sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-                pick = torch.multinomial(sorted_p, 1, generator=s.generator)
-                out[r] = order[pick[0]]
-            else:
-                out[r] = torch.multinomial(probs, 1, generator=s.generator)[0]
+            if p.temperature < _TINY or s.req.cancelled:
+                continue  # greedy; a temperature that underflows float32 divides by zero, and its limit is greedy
+            try:
+                out[r] = self._sample_row(logits[r], p, s.generator)
+            except Exception as err:  # noqa: BLE001 - one row's failure must not fail its batch-mates
+                self._fail_request(s.req, "sampling", err)
         return out
+
+    @staticmethod
+    def _sample_row(row: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
+        # shifted by the max first: a small temperature then sends the others to -inf, never the top logit to inf
+        probs = torch.softmax((row - row.max()) / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = (sorted_p.cumsum(0) - sorted_p) < p.top_p
+            keep[0] = True  # a top_p that rounds to 0 in float32 still keeps the likeliest token
+            sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+            pick = torch.multinomial(sorted_p, 1, generator=generator)
+            return int(order[pick[0]])
+        return int(torch.multinomial(probs, 1, generator=generator)[0])
 
     def _accept(self, tokens: list[int], seqs: list[_Seq]) -> None:
         """Append each row's token, emit text that can no longer change, and drop finished rows."""
@@ -417,8 +482,11 @@ class Engine:
             if s.req.cancelled or s.finish_reason is not None:
                 done.append(s)
                 continue
-            self._advance(s, int(tok))
-            if s.finish_reason is not None:
+            try:
+                self._advance(s, int(tok))
+            except Exception as err:  # noqa: BLE001 - e.g. a tokenizer that cannot decode this row's tokens
+                self._fail_request(s.req, "decoding its tokens", err)
+            if s.finish_reason is not None or s.req.cancelled:
                 done.append(s)
         if done:
             self._remove(set(id(s) for s in done))

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..profiles import PROFILE_FIELDS, Profile
+from ..profiles import PROFILE_FIELDS, Profile, normalize_value
 
 __all__ = [
     "APIError",
@@ -210,6 +210,15 @@ def check_stop(stop: Any) -> list[str]:
     return list(items)
 
 
+def _check_value(value: Any, param: str) -> None:
+    """One profile value as :class:`cuma.Profile` will read it (a number too large, not finite, ...): a 400 whose
+    ``param`` is that field."""
+    try:
+        normalize_value(value, param.split(".", 1)[1] if "." in param else param)
+    except ValueError as err:
+        raise APIError(400, f"{param}: {err}", param=param, code="invalid_profile") from None
+
+
 def check_profile(value: Any, param: str = "profile") -> Optional[tuple[str, Optional[dict]]]:
     """``(profile sentence, fields or None)`` of a request's profile, or None when none was given.
 
@@ -241,9 +250,12 @@ def check_profile(value: Any, param: str = "profile") -> Optional[tuple[str, Opt
                 if ev is not None and (isinstance(ev, bool) or not isinstance(ev, (str, int, float))):
                     raise APIError(400, f"{param}.extra.{ek}: must be a string or a number",
                                    param=f"{param}.extra.{ek}", code="invalid_profile")
+                _check_value(ev, f"{param}.extra.{ek}")
         elif v is not None and (isinstance(v, bool) or not isinstance(v, (str, int, float))):
             raise APIError(400, f"{param}.{key}: must be a string or a number, got {type(v).__name__}",
                            param=f"{param}.{key}", code="invalid_profile")
+        else:
+            _check_value(v, f"{param}.{key}")
     try:
         profile = Profile.from_dict(value)
     except ValueError as err:

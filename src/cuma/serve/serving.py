@@ -121,7 +121,7 @@ def prepare_chat(served, req: ChatCompletionRequest, limits: Limits) -> tuple[li
 def _engine_error(err: Exception) -> APIError:
     if isinstance(err, QueueFull):
         return APIError(429, str(err), code="queue_full", headers={"Retry-After": str(err.retry_after)})
-    return APIError(503, "the engine is not running", code="unavailable", headers={"Retry-After": "5"})
+    return APIError(503, str(err) or "the engine is not running", code="unavailable", headers={"Retry-After": "5"})
 
 
 def _sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
@@ -297,6 +297,8 @@ async def run_choice(served, engine: Engine, req: ChoiceRequest, request) -> Opt
         engine.cancel(rid)
         raise
     result = fut.result()
+    if isinstance(result, EngineUnavailable):
+        raise APIError(503, str(result), code="unavailable", headers={"Retry-After": "5"})
     if isinstance(result, Exception):
         raise APIError(500, f"choice scoring failed ({type(result).__name__})", code="engine_error")
     results = []

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         run = run_sft(cfg)
         print(
             f"trained {run['method']['method']} for {run['global_step']} steps in {run['train_seconds']:.1f} s "
-            f"(train loss {run['train_loss']:.4f}); saved to {cfg.train.output_dir}"
+            f"(train loss {run['train_loss']:.4f}{_covers(run)}); saved to {cfg.train.output_dir}"
         )
         return 0
     if args.train_command in ("dpo", "grpo"):
@@ -98,7 +98,13 @@ def run(args: argparse.Namespace) -> int:
         run = runner(cfg)
         print(
             f"{args.train_command}: trained {run['method']['method']} for {run['global_step']} steps in "
-            f"{run['train_seconds']:.1f} s (train loss {run['train_loss']:.4f}); saved to {cfg.train.output_dir}"
+            f"{run['train_seconds']:.1f} s (train loss {run['train_loss']:.4f}{_covers(run)}); saved to "
+            f"{cfg.train.output_dir}"
         )
         return 0
     raise ValueError(f"unknown train stage {args.train_command!r}")
+
+
+def _covers(run: dict) -> str:
+    """After a resume, which steps the reported loss is the mean of."""
+    return f" over {run['train_loss_covers']}" if run.get("resumed_from") else ""

@@ -72,7 +72,9 @@ class TrainSection:
     save_total_limit: Optional[int] = 2
     eval_steps: Optional[int] = None
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    resume_from_checkpoint: Optional[str] = None  # a checkpoint dir, or "latest" for the newest in output_dir
+    # "latest" (or "true"): the newest complete checkpoint-N in output_dir (incomplete ones are named and skipped; none
+    # yet: a fresh start); a checkpoint folder; None: a fresh start, refused when output_dir already holds checkpoints
+    resume_from_checkpoint: Optional[str] = None
     deepspeed: Optional[str] = None  # a DeepSpeed JSON config (launch with accelerate)
     dataloader_num_workers: int = 0
     disable_tqdm: bool = False

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -27,7 +26,8 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from .. import methods
 from ..models import DTYPES
-from ..runinfo import environment_record
+from ..runinfo import check_output_dir, environment_record
+from .checkpoints import CheckpointMixin, resolve_resume, resumed_record
 from .config import DPORunConfig, attention_kwargs
 from .preference import (
     REFERENCE_ADAPTER,
@@ -81,7 +81,7 @@ class PreferenceProfileCollator:
         return batch
 
 
-class ProfileDPOTrainer(BalanceLossMixin, DPOTrainer):
+class ProfileDPOTrainer(CheckpointMixin, BalanceLossMixin, DPOTrainer):
     """DPOTrainer whose reference is the SFT adapter loaded as ``ref`` (``reference_path``) and whose loss includes
     the routers' balance term of the policy forward."""
 
@@ -138,7 +138,9 @@ def run_dpo(cfg: DPORunConfig) -> dict[str, Any]:
 
     from ..models import describe
 
-    out = Path(cfg.train.output_dir)
+    out = check_output_dir(cfg.train.output_dir, "train.output_dir")
+    resume = resolve_resume(out, cfg.train.resume_from_checkpoint)
+    resume.say("cuma train dpo")
     set_seed(cfg.train.seed)
     t0 = time.perf_counter()
 
@@ -177,7 +179,7 @@ def run_dpo(cfg: DPORunConfig) -> dict[str, Any]:
         processing_class=tokenizer, data_collator=collator, reference_path=reference_path,
     )
     t_train = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=_resume(cfg.train.resume_from_checkpoint))
+    result = trainer.train(resume_from_checkpoint=None if resume.checkpoint is None else str(resume.checkpoint))
     train_seconds = time.perf_counter() - t_train
 
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -189,7 +191,7 @@ def run_dpo(cfg: DPORunConfig) -> dict[str, Any]:
         "command": "cuma train dpo",
         "method": built.record(),
         "init": {"sft_path": cfg.init.sft_path, "reference": "sft adapter" if cfg.init.sft_path else "base model"},
-        "train_loss": result.training_loss,
+        **resumed_record(resume, trainer, result.training_loss),
         "global_step": trainer.state.global_step,
         "train_seconds": round(train_seconds, 2),
         "total_seconds": round(time.perf_counter() - t0, 2),
@@ -201,9 +203,3 @@ def run_dpo(cfg: DPORunConfig) -> dict[str, Any]:
     }
     save_run(trainer, cfg, out, run)
     return run
-
-
-def _resume(value: Optional[str]):
-    if value is None:
-        return None
-    return True if value == "latest" else value

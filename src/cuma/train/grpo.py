@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -32,9 +31,10 @@ from trl import GRPOConfig, GRPOTrainer
 
 from .. import methods
 from ..evaluate.judges import VERDICTS, Judge, make_reward_fn
-from ..runinfo import environment_record
+from ..runinfo import check_output_dir, environment_record
+from .checkpoints import CheckpointMixin, resolve_resume, resumed_record
 from .config import GRPORunConfig
-from .dpo import _build_policy, _resume
+from .dpo import _build_policy
 from .preference import (
     REFERENCE_ADAPTER,
     BalanceLossMixin,
@@ -151,7 +151,7 @@ def make_judge(cfg):
     return getattr(judges, classes[cfg.reward.judge])(**dict(cfg.reward.judge_options))
 
 
-class ProfileGRPOTrainer(BalanceLossMixin, GRPOTrainer):
+class ProfileGRPOTrainer(CheckpointMixin, BalanceLossMixin, GRPOTrainer):
     """GRPOTrainer that routes on the profile in generation and in every log-prob pass, uses the SFT adapter as the
     reference (``reference_path``) and adds the balance loss of the policy pass."""
 
@@ -256,7 +256,9 @@ def run_grpo(cfg: GRPORunConfig, judge=None, reward_funcs=None) -> dict[str, Any
 
     from ..models import describe
 
-    out = Path(cfg.train.output_dir)
+    out = check_output_dir(cfg.train.output_dir, "train.output_dir")
+    resume = resolve_resume(out, cfg.train.resume_from_checkpoint)
+    resume.say("cuma train grpo")
     set_seed(cfg.train.seed)
     t0 = time.perf_counter()
 
@@ -309,7 +311,7 @@ def run_grpo(cfg: GRPORunConfig, judge=None, reward_funcs=None) -> dict[str, Any
     )
     t_train = time.perf_counter()
     try:
-        result = trainer.train(resume_from_checkpoint=_resume(cfg.train.resume_from_checkpoint))
+        result = trainer.train(resume_from_checkpoint=None if resume.checkpoint is None else str(resume.checkpoint))
     finally:
         if trainer.profile_injector is not None:
             trainer.profile_injector.remove()
@@ -328,7 +330,7 @@ def run_grpo(cfg: GRPORunConfig, judge=None, reward_funcs=None) -> dict[str, Any
                  "reference": None if g.beta == 0 else ("sft adapter" if cfg.init.sft_path else "base model")},
         "reward": reward_kind,
         "reward_validity": validity,
-        "train_loss": result.training_loss,
+        **resumed_record(resume, trainer, result.training_loss),
         "global_step": trainer.state.global_step,
         "train_seconds": round(train_seconds, 2),
         "total_seconds": round(time.perf_counter() - t0, 2),

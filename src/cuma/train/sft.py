@@ -12,7 +12,6 @@ import re
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -22,7 +21,8 @@ from .. import methods
 from ..distributed import prepare_for_zero3
 from ..models import DTYPES
 from ..routing import clear_balance_loss, pop_balance_loss, record_gates
-from ..runinfo import environment_record
+from ..runinfo import check_output_dir, environment_record
+from .checkpoints import CheckpointMixin, resolve_resume, resumed_record
 from .collator import ProfileCollator, split_by_length, tokenize_example
 from .config import SFTRunConfig, attention_kwargs
 from .run_record import data_record, save_run
@@ -72,7 +72,7 @@ def labelled_positions_only(device: torch.device):
         trl_utils._use_triton = original
 
 
-class ProfileSFTTrainer(SFTTrainer):
+class ProfileSFTTrainer(CheckpointMixin, SFTTrainer):
     """SFTTrainer that adds the routers' balance loss with the trainer's gradient-accumulation scaling and logs it
     (and the expert-load entropy) separately. Works unchanged for methods without routers.
 
@@ -253,12 +253,6 @@ def _sft_args(cfg: SFTRunConfig, built: methods.BuiltMethod, has_eval: bool) -> 
     )
 
 
-def _resume_arg(value: Optional[str]):
-    if value is None:
-        return None
-    return True if value == "latest" else value
-
-
 def run_sft(cfg: SFTRunConfig, callbacks: Optional[list] = None) -> dict[str, Any]:
     """Train ``cfg.method.name`` on the prepared data and save the result in ``cfg.train.output_dir``.
 
@@ -269,7 +263,11 @@ def run_sft(cfg: SFTRunConfig, callbacks: Optional[list] = None) -> dict[str, An
     from ..data.records import load_prepared
     from ..models import describe, load_base_and_tokenizer
 
-    out = Path(cfg.train.output_dir)
+    # before any work: the output folder can be written, and where the run starts (a folder holding checkpoints is
+    # resumed only when asked)
+    out = check_output_dir(cfg.train.output_dir, "train.output_dir")
+    resume = resolve_resume(out, cfg.train.resume_from_checkpoint)
+    resume.say("cuma train sft")
     set_seed(cfg.train.seed)
     t0 = time.perf_counter()
 
@@ -348,7 +346,7 @@ def run_sft(cfg: SFTRunConfig, callbacks: Optional[list] = None) -> dict[str, An
         split_by_length=cfg.train.split_by_length,
     )
     t_train = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=_resume_arg(cfg.train.resume_from_checkpoint))
+    result = trainer.train(resume_from_checkpoint=None if resume.checkpoint is None else str(resume.checkpoint))
     train_seconds = time.perf_counter() - t_train
 
     # outputs: the method (adapter / full model), resolved config, versions, data hashes
@@ -358,7 +356,7 @@ def run_sft(cfg: SFTRunConfig, callbacks: Optional[list] = None) -> dict[str, An
     run = {
         "command": "cuma train sft",
         "method": built.record(),
-        "train_loss": result.training_loss,
+        **resumed_record(resume, trainer, result.training_loss),
         "global_step": trainer.state.global_step,
         "train_seconds": round(train_seconds, 2),
         "total_seconds": round(time.perf_counter() - t0, 2),
