@@ -68,11 +68,19 @@ class Router(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(widths[:-1], widths[1:]))
         if input_norm == "balanced":
-            self.token_gain = nn.Parameter(torch.ones(()))
-            self.profile_gain = nn.Parameter(torch.full((), float(profile_gain_init))) if profile_dim else None
+            # shape (1,), not a 0-d scalar: FSDP refuses scalar parameters (adapters saved with 0-d gains still load)
+            self.token_gain = nn.Parameter(torch.ones(1))
+            self.profile_gain = nn.Parameter(torch.full((1,), float(profile_gain_init))) if profile_dim else None
         if token_init_scale != 1.0:
             with torch.no_grad():
                 self.layers[0].weight[:, :in_features].mul_(token_init_scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("token_gain", "profile_gain"):
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.dim() == 0:  # saved before the gains had shape (1,)
+                state_dict[prefix + name] = value.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, hidden: torch.Tensor, profile: Optional[torch.Tensor] = None) -> torch.Tensor:
         """hidden: (B, T, in) ; profile: (B, profile_dim) or None. Returns logits (B, T, N)."""

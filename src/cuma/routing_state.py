@@ -10,9 +10,11 @@ How a profile travels::
 
     PeftModel.forward / generate(profile_embeds=e)
       -> CuMAModel._enable_peft_forward_hooks: hand_over_profile(scope, e)    (for the duration of that PeftModel call)
-      -> base-model forward pre-hook (CallHooks.open): a RoutingCall with e's rows for this batch
-         (generation repeats each row for beams / returned sequences; anything else must match row for row)
-      -> adapted layers: scope.current() -> profile rows, mask; call.record(term)
+      -> base-model forward pre-hook (CallHooks.open): a RoutingCall carrying e (whatever the base model's inputs
+         are called: input_ids, inputs_embeds, pixel_values, X, ...)
+      -> adapted layers: scope.current().profile_for(rows of the layer's own input) -> e's rows for that batch
+         (generation repeats each row for beams / returned sequences; anything else must match row for row), mask;
+         call.record(term)
       -> base-model forward hook (CallHooks.finish): the finished call's terms go to this context's buffer
          always-called hook (CallHooks.close): the call ends, also when the forward raised (its terms are dropped)
     pop_balance_loss(model) -> takes this context's finished terms of the model's scopes.
@@ -95,7 +97,8 @@ class RoutingScope:
                 y = layer(x)
 
         On a clean exit the recorded balance terms wait for :func:`take_finished` like a model call's."""
-        call = RoutingCall(profile_rows=profile_rows, token_mask=token_mask, records_balance=records_balance)
+        call = RoutingCall(profile_rows=profile_rows, token_mask=token_mask, records_balance=records_balance,
+                           profile=profile_rows)
         token = _push(self, call)
         try:
             yield call
@@ -118,6 +121,16 @@ class RoutingCall:
     token_mask: Optional[torch.Tensor] = None
     records_balance: bool = False
     recompute: bool = False
+    # the profile as the caller handed it over (one row per prompt) and whether the call is a generation step (its
+    # batch repeats each prompt's row in place); ``profile_rows`` becomes the rows matched to the batch the layers see
+    profile: Optional[torch.Tensor] = None
+    generating: bool = False
+    # (rows, device) -> the profile rows of a batch of that many rows on that device: matched once per call, not in
+    # every layer
+    matched_rows: dict = field(default_factory=dict)
+    # per-call values derived from the profile that every routed layer of this call reuses (e.g. each router's
+    # profile part): key -> tensor. Built inside the call and dropped with it; a checkpoint recompute starts empty.
+    derived: dict = field(default_factory=dict)
     balance_terms: list = field(default_factory=list)
     # per-call statistics that become one term when the call ends (MixLoRA's Mixtral term over all layers)
     accumulators: dict = field(default_factory=dict)
@@ -162,7 +175,26 @@ class RoutingCall:
     def for_recompute(self) -> "RoutingCall":
         """The same inputs for a gradient-checkpointing recompute: records nothing, shares no cache."""
         return RoutingCall(profile_rows=self.profile_rows, token_mask=self.token_mask,
-                           records_balance=self.records_balance, recompute=True)
+                           records_balance=self.records_balance, recompute=True, profile=self.profile,
+                           generating=self.generating)
+
+    def profile_for(self, rows: int, device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+        """This call's profile rows for a layer input whose leading dimension (its batch) is ``rows``: the handed-over
+        profile as given when the counts match, each row repeated in place during generation (beams, returned
+        sequences); anything else raises. The layer knows its batch from its own input, so the call never guesses it
+        from the base model's argument names. Matched once per (rows, device) for the whole call."""
+        source = self.profile if self.profile is not None else self.profile_rows
+        if source is None:
+            return None
+        key = (rows, device)
+        hit = self.matched_rows.get(key)
+        if hit is None:
+            hit = expand_profile(source, rows, self.generating)
+            if device is not None:
+                hit = hit.to(device)
+            self.matched_rows[key] = hit
+        self.profile_rows = hit
+        return hit
 
     def mask_for(self, rows: int, length: int) -> Optional[torch.Tensor]:
         """Boolean (rows, length) mask of this call's last ``length`` positions, or None when it does not fit."""
@@ -246,13 +278,6 @@ def expand_profile(profile: Optional[torch.Tensor], rows: int, generating: bool)
 # ------------------------------------------------------------------------------------------------ base-model hooks
 
 
-def _batch_rows(args: tuple, kwargs: dict) -> Optional[int]:
-    ref = kwargs.get("input_ids", args[0] if args else None)
-    if ref is None:
-        ref = kwargs.get("inputs_embeds")
-    return int(ref.shape[0]) if isinstance(ref, torch.Tensor) and ref.dim() >= 2 else None
-
-
 def check_profile(profile: Any, widths: Mapping[str, int]) -> None:
     """``profile_embeds`` must be a 2-D float tensor whose width is every active profile-routed adapter's."""
     if not isinstance(profile, torch.Tensor) or profile.dim() != 2:
@@ -303,10 +328,9 @@ class CallHooks:
                 check_profile(profile, self.profile_widths())
         else:
             profile, generating = _HANDOFF.get().get(self.scope, (None, False))
-        rows = _batch_rows(args, kwargs)
-        if profile is not None and rows is not None:
-            device = next(module.parameters()).device
-            call.profile_rows = expand_profile(profile, rows, generating).to(device)
+        # the rows are matched to the batch by the routed layers (RoutingCall.profile_for), from their own input
+        call.profile = profile
+        call.generating = generating
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         call.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         call.records_balance = module.training and torch.is_grad_enabled()

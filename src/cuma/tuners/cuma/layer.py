@@ -16,6 +16,12 @@ from .._shared import init_lora_pair
 from .config import CuMAConfig
 
 
+def as_batch(x: torch.Tensor) -> torch.Tensor:
+    """The layer input as (batch, tokens, features): its leading dimension is the batch the profile rows must match
+    (a 2-D input, as in models without a sequence axis, is one token per example)."""
+    return x.unsqueeze(1) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
+
+
 class CuMALayer(BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ("cuma_A", "cuma_B", "cuma_router")
     other_param_names: tuple[str, ...] = ("cuma_settings", "cuma_dropout", "_router_owner")
@@ -100,20 +106,16 @@ class CuMALayer(BaseTunerLayer):
             )
         return call
 
-    def _profile_for(self, adapter_name: str, call: Optional[RoutingCall], rows: int) -> Optional[torch.Tensor]:
+    def _profile_for(self, adapter_name: str, call: Optional[RoutingCall], rows: int,
+                     device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
         config = self.cuma_settings[adapter_name]
         if config.profile_dim == 0:
             return None
-        e = call.profile_rows if call is not None else None
+        e = call.profile_for(rows, device) if call is not None else None
         if e is None:
             raise ValueError(
                 f"CuMA adapter '{adapter_name}' routes on the profile: pass profile_embeds=Tensor(batch, "
                 f"{config.profile_dim}) to forward()/generate() (from cuma.ProfileEncoder.encode)."
-            )
-        if e.shape[0] != rows:
-            raise ValueError(
-                f"profile_embeds gives {e.shape[0]} rows but this layer sees a batch of {rows}; pass one profile "
-                "row per example of the batch"
             )
         # the subtraction runs in every layer, not cached per call (a checkpoint recompute must save what its forward
         # saved); the centre tensor itself is converted once, on the routing scope
@@ -158,7 +160,7 @@ class CuMALayer(BaseTunerLayer):
         # router. A recompute computes the term again (it must save what the forward saved) but does not record it.
         grad = torch.enable_grad() if balance and not torch.is_grad_enabled() else nullcontext()
         with grad:
-            profile = self._profile_for(adapter_name, call, rows)
+            profile = self._profile_for(adapter_name, call, rows, x3.device)
             if config.fast_path != "off":  # the static-shape routing of the fast path (cuma.tuners.fused)
                 route = fused.compiled(fused.route_topk) if config.fast_path_compile else fused.route_topk
                 k = config.effective_top_k
@@ -178,7 +180,7 @@ class CuMALayer(BaseTunerLayer):
     def _expert_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """scaling * sum_i g_i B_i A_i dropout(x), computed densely for all experts and masked by the gates."""
         config = self.cuma_settings[adapter_name]
-        x3 = x.unsqueeze(0) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
+        x3 = as_batch(x)
         gates, mask = self._route(adapter_name, x, x3)
         if gates_requested(self):
             log_gates(self, gates.weights, mask, self._routing_scope.current())
