@@ -9,7 +9,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...routing import Gates, Router, gates_requested, log_gates, switch_balance_loss, topk_gates
+from ...routing import Gates, Router, gates_requested, log_gates, switch_balance_loss, topk_gates, weights_key
 from ...routing_state import RoutingCall, RoutingScope
 from .. import fused
 from .._shared import init_lora_pair
@@ -200,6 +200,90 @@ class CuMALayer(BaseTunerLayer):
         return delta.reshape(*x.shape[:-1], self.out_features)
 
 
+    # ------------------------------------------------------------------------------------- inference (no grad)
+    # Eval-mode calls without gradients (serving, evaluation, generate) take a leaner route to the same function:
+    # the router's profile part once per call and row instead of once per token (Router.profile_part), the routers'
+    # and experts' weights in the layout the matmuls want (cached until a parameter changes), the LoRA scaling folded
+    # into B, the delta accumulated onto the base output inside the GEMM, and no padding mask unless gates are
+    # recorded. Training and gradient calls keep the reference path above (tests/test_fast_path.py compares both).
+
+    def _infers(self, config: CuMAConfig, x: torch.Tensor) -> bool:
+        return (not torch.is_grad_enabled() and not self.training and config.fast_path != "triton"
+                and not config.fast_path_compile and not torch.is_autocast_enabled(x.device.type))
+
+    def _inference_experts(self, adapter_name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_cat (in, N*r) or the shared A (in, r), scaling * B_cat (N*r, out))`` in ``dtype``, cached until a
+        parameter changes."""
+        config = self.cuma_settings[adapter_name]
+        a, b = self.cuma_A[adapter_name], self.cuma_B[adapter_name]
+        key = (weights_key(a, b), dtype, config.scaling)
+        cache = self.__dict__.setdefault("_cuma_inference_cache", {})
+        hit = cache.get(adapter_name)
+        if key[0] is not None and hit is not None and hit[0] == key:
+            return hit[1]
+        n, r = config.num_experts, config.r
+        a_cat = a.detach() if config.shared_A else a.detach().permute(1, 0, 2).reshape(self.in_features, n * r)
+        b_cat = b.detach().reshape(n * r, self.out_features) * config.scaling
+        out = (a_cat.to(dtype).contiguous(), b_cat.to(dtype).contiguous())
+        if key[0] is not None:
+            cache[adapter_name] = (key, out)
+        return out
+
+    def _profile_part(self, adapter_name: str, router: Router, call: Optional[RoutingCall], rows: int,
+                      device: torch.device) -> Optional[torch.Tensor]:
+        """The router's per-row profile term for this call: computed by the first layer of the call that needs it
+        and kept in the call (RoutingCall.derived), so never seen by another call."""
+        if call is None:
+            return router.profile_part(self._profile_for(adapter_name, call, rows, device))
+        key = ("profile_part", id(router), rows, device)
+        part = call.derived.get(key)
+        if part is None:
+            pkey = ("profile", adapter_name, rows, device)
+            if pkey not in call.derived:
+                call.derived[pkey] = self._profile_for(adapter_name, call, rows, device)
+            part = call.derived[key] = router.profile_part(call.derived[pkey])
+        return part
+
+    def _infer(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` + this adapter's routed delta, for an eval-mode call without gradients."""
+        config = self.cuma_settings[adapter_name]
+        owner = self._router_owner.get(adapter_name, self)
+        x3 = as_batch(x)
+        rows = x3.shape[0]
+        call = self._current_call(adapter_name, needs_profile=config.profile_dim > 0)
+        shared_key = (id(owner), adapter_name)
+        cached = call.shared_gates.get(shared_key) if call is not None else None
+        if cached is not None and cached[0] is x:
+            weights = cached[1].weights  # a projection sharing this router already routed this exact input
+        else:
+            router: Router = owner.cuma_router[adapter_name]
+            logits = router.infer(x3, self._profile_part(adapter_name, router, call, rows, x3.device))
+            probs = torch.softmax(logits.float(), dim=-1)
+            k = config.effective_top_k
+            if k >= probs.shape[-1]:
+                weights = probs
+            else:  # topk_gates' operations, without the kept-expert mask (only the balance term reads it)
+                vals, idx = probs.topk(k, dim=-1)
+                weights = torch.zeros_like(probs).scatter_(-1, idx, vals / vals.sum(dim=-1, keepdim=True))
+            if call is not None and adapter_name in owner._router_has_followers:
+                call.shared_gates[shared_key] = (x, Gates(weights=weights, probs=probs, selected=None, top_k=k))
+        if gates_requested(self):
+            mask = call.mask_for(rows, x3.shape[1]) if call is not None else None
+            log_gates(self, weights, mask, call)
+        a_cat, b_cat = self._inference_experts(adapter_name, self.cuma_A[adapter_name].dtype)
+        h = self._cast_input_dtype(x3, a_cat.dtype)
+        z = h @ a_cat
+        g = weights.to(z.dtype)
+        if config.shared_A:
+            zg = (g.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)
+        else:
+            zg = (z.unflatten(-1, (config.num_experts, config.r)) * g.unsqueeze(-1)).flatten(-2)
+        zg = zg.reshape(-1, zg.shape[-1])
+        if result.dtype == zg.dtype and result.is_contiguous():
+            return torch.addmm(result.reshape(-1, self.out_features), zg, b_cat).reshape(result.shape)
+        return result + (zg @ b_cat).to(result.dtype).reshape(result.shape)
+
+
 class Linear(nn.Module, CuMALayer):
     """CuMA-adapted ``nn.Linear``."""
 
@@ -224,7 +308,11 @@ class Linear(nn.Module, CuMALayer):
         for adapter_name in self.active_adapters:
             if adapter_name not in self.cuma_A:
                 continue
-            if self.cuma_settings[adapter_name].fast_path != "off":
+            config = self.cuma_settings[adapter_name]
+            if self._infers(config, x):
+                result = self._infer(adapter_name, x, result)
+                continue
+            if config.fast_path != "off":
                 result = fused.cuma_forward(self, adapter_name, x, result)
                 continue
             result = result + self._expert_delta(adapter_name, x).to(result.dtype)
