@@ -109,7 +109,7 @@ def choice_request(model, tok, profiles):
          {"role": "user", "content": "How important is family in your life?\nA. Very important\nB. Rather important\n"
                                      "C. Not very important\nD. Not at all important\nAnswer with one letter."}],
         tokenize=False, add_generation_prompt=True) + "Answer:"
-    letters = [tok.encode(" " + x, add_special_tokens=False)[-1] for x in "ABCD"]
+    letters = [[tok.encode(" " + x, add_special_tokens=False)[-1] for x in "ABCD"]]
 
     def run():
         with torch.inference_mode():
