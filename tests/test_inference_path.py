@@ -152,3 +152,20 @@ def test_record_gates_on_the_inference_route(monkeypatch):
     for name in ref.layer_names():
         torch.testing.assert_close(fast.gates[name][0], ref.gates[name][0], atol=1e-6, rtol=0)
         assert torch.equal(fast.masks[name][0], ref.masks[name][0])
+
+
+def test_generate_computes_each_profile_part_once(monkeypatch):
+    """Within one generate call the profile is the same at every decode step: each router's profile part is computed
+    once for the whole call, and again for the next call."""
+    from cuma.routing import Router
+
+    model = build(FAST)
+    ids, mask = batch(2, 5)
+    parts = []
+    monkeypatch.setattr(Router, "profile_part", _spy(Router.profile_part, parts))
+    routers = sum(1 for m in model.modules() if isinstance(m, Router))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, profile_embeds=profiles(2, seed=3))
+    model.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert len(parts) == routers
+    model.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert len(parts) == 2 * routers

@@ -154,16 +154,17 @@ class Router(nn.Module):
             self.__dict__["_inference_cache"] = (key, out)
         return out
 
-    def profile_part(self, profile: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def profile_part(self, profile: Optional[torch.Tensor], normalised: bool = False) -> Optional[torch.Tensor]:
         """The first Linear's profile term plus its bias for each row, ``(rows, hidden)`` (no gradients): what the
-        router adds to every token of a row."""
+        router adds to every token of a row. ``normalised``: ``profile`` is already ``rms_normalise``-d (the same for
+        every router of an adapter, so a caller computes it once)."""
         _, we, bias = self.inference_weights()
         if not self.profile_dim:
             return bias.unsqueeze(0) if bias is not None else None
         if profile is None:
             raise ValueError("this router routes on the profile but no profile embedding was given")
         pe = profile.to(we.dtype)
-        if self.input_norm == "balanced":
+        if self.input_norm == "balanced" and not normalised:
             pe = rms_normalise(pe)
         return F.linear(pe, we, bias)
 

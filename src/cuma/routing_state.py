@@ -45,7 +45,9 @@ PROFILE_KWARG = "profile_embeds"
 _EMPTY: Mapping = MappingProxyType({})
 # scope -> the call of that scope now running in this context
 _ACTIVE: ContextVar[Mapping["RoutingScope", "RoutingCall"]] = ContextVar("cuma_routing_calls", default=_EMPTY)
-# scope -> (profile_embeds, generating) handed over by a PeftModel call for its base-model calls
+# scope -> (profile_embeds, generating, derived) handed over by a PeftModel call for its base-model calls; ``derived``
+# holds values computed from that profile which every base-model call of the PeftModel call may reuse (the routers'
+# profile parts across the decode steps of one generate); it dies with the PeftModel call
 _HANDOFF: ContextVar[Mapping["RoutingScope", tuple]] = ContextVar("cuma_profile_handoff", default=_EMPTY)
 # inside PeftModel.generate: the base model's rows are the caller's rows repeated in place (beams, sequences)
 _GENERATING: ContextVar[bool] = ContextVar("cuma_generating", default=False)
@@ -128,8 +130,10 @@ class RoutingCall:
     # (rows, device) -> the profile rows of a batch of that many rows on that device: matched once per call, not in
     # every layer
     matched_rows: dict = field(default_factory=dict)
-    # per-call values derived from the profile that every routed layer of this call reuses (e.g. each router's
-    # profile part): key -> tensor. Built inside the call and dropped with it; a checkpoint recompute starts empty.
+    # values derived from the profile that every routed layer of this call reuses (each router's profile part, the
+    # normalised profile): key -> tensor, filled only by calls without gradients. It belongs to the PeftModel call
+    # that handed the profile over (the base-model calls of one generate share it: the profile is the same in every
+    # decode step) or, for a direct base-model call, to that call; it dies with it. A checkpoint recompute starts empty.
     derived: dict = field(default_factory=dict)
     balance_terms: list = field(default_factory=list)
     # per-call statistics that become one term when the call ends (MixLoRA's Mixtral term over all layers)
@@ -239,7 +243,7 @@ def take_finished(scopes) -> list:
 def hand_over_profile(scope: RoutingScope, profile: Optional[torch.Tensor]) -> Iterator[None]:
     """Make ``profile`` (or explicitly no profile) the profile of the base-model calls of ``scope`` made inside."""
     handoff = dict(_HANDOFF.get())
-    handoff[scope] = (profile, _GENERATING.get())
+    handoff[scope] = (profile, _GENERATING.get(), {})
     token = _HANDOFF.set(MappingProxyType(handoff))
     try:
         yield
@@ -327,7 +331,9 @@ class CallHooks:
                     raise ValueError(f"this {self.scope.kind} adapter does not route on a profile: drop profile_embeds")
                 check_profile(profile, self.profile_widths())
         else:
-            profile, generating = _HANDOFF.get().get(self.scope, (None, False))
+            profile, generating, derived = _HANDOFF.get().get(self.scope, (None, False, None))
+            if derived is not None:
+                call.derived = derived  # shared by the base-model calls of one PeftModel call (one generate)
         # the rows are matched to the batch by the routed layers (RoutingCall.profile_for), from their own input
         call.profile = profile
         call.generating = generating

@@ -9,7 +9,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...routing import Gates, Router, gates_requested, log_gates, switch_balance_loss, topk_gates, weights_key
+from ...routing import (Gates, Router, gates_requested, log_gates, rms_normalise, switch_balance_loss, topk_gates,
+                        weights_key)
 from ...routing_state import RoutingCall, RoutingScope
 from .. import fused
 from .._shared import init_lora_pair
@@ -235,13 +236,25 @@ class CuMALayer(BaseTunerLayer):
         and kept in the call (RoutingCall.derived), so never seen by another call."""
         if call is None:
             return router.profile_part(self._profile_for(adapter_name, call, rows, device))
+        if self.cuma_settings[adapter_name].profile_dim:
+            call.profile_for(rows, device)  # matches (and checks) this call's rows even when the parts are reused
+        derived = call.derived
         key = ("profile_part", id(router), rows, device)
-        part = call.derived.get(key)
+        part = derived.get(key)
         if part is None:
             pkey = ("profile", adapter_name, rows, device)
-            if pkey not in call.derived:
-                call.derived[pkey] = self._profile_for(adapter_name, call, rows, device)
-            part = call.derived[key] = router.profile_part(call.derived[pkey])
+            if pkey not in derived:
+                derived[pkey] = self._profile_for(adapter_name, call, rows, device)
+            e = derived[pkey]
+            if e is not None and router.input_norm == "balanced":
+                # the balanced norm of the profile is the same for every router of the adapter: once per call
+                nkey = ("profile_normalised", adapter_name, rows, device, router.layers[0].weight.dtype)
+                if nkey not in derived:
+                    derived[nkey] = rms_normalise(e.to(router.layers[0].weight.dtype))
+                part = router.profile_part(derived[nkey], normalised=True)
+            else:
+                part = router.profile_part(e)
+            derived[key] = part
         return part
 
     def _infer(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
