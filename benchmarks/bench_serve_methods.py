@@ -91,8 +91,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "cuma.cli", "serve", "--adapter", str(adapter), "--served-name", "bench",
                "--port", str(self.port), "--max-batch-size", "16", "--max-queue", "512", "--log-level", "warning"]
-        if device != "cpu":
-            cmd += ["--device", device]
+        cmd += ["--device", device]  # explicit: the server's own default is cuda whenever one is present
         if threads:
             cmd += ["--threads", str(threads)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
