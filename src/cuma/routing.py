@@ -32,19 +32,13 @@ def rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def weights_key(*tensors: Optional[torch.Tensor]) -> Optional[tuple]:
-    """What a tensor derived from these parameters depends on: storage, version (bumped by every in-place update:
-    optimiser steps, ``load_state_dict``), device and dtype. None when a tensor has no version counter (created in
-    inference mode): then nothing may be cached."""
-    key = []
-    for t in tensors:
-        if t is None:
-            key.append(None)
-            continue
-        try:
-            key.append((id(t), t.data_ptr(), t._version, t.device, t.dtype, tuple(t.shape)))
-        except RuntimeError:
-            return None
-    return tuple(key)
+    """What a tensor derived from these parameters depends on: their storage (a move to another device or dtype, or
+    a new tensor, gets a new one) and version (bumped by every in-place update: optimiser steps, ``load_state_dict``).
+    None when a tensor has no version counter (created in inference mode): then nothing may be cached."""
+    try:
+        return tuple((t.data_ptr(), t._version, t.dtype) if t is not None else None for t in tensors)
+    except RuntimeError:
+        return None
 
 
 class Router(nn.Module):
