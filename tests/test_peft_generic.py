@@ -268,6 +268,24 @@ def _without_profile_only(fn):
     return wrapper
 
 
+def _direct_injection_refused_with_projection(fn):
+    """PEFT reads "shared state" from a class flag of the tuner (``uses_shared_state``); CuMA has it only with a
+    profile projection (a per-adapter option), so it refuses ``inject_adapter_in_model`` for that case with PEFT's
+    message. The test's direct-injection branch then fails where it expects the class flag: an expected failure,
+    once the refusal itself is checked."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        if kwargs.get("config_kwargs", {}).get("profile_proj_layers", 0):
+            with pytest.raises(ValueError, match="shared state.*get_peft_model"):
+                fn(self, *args, **kwargs)
+            pytest.xfail("CuMA refuses direct injection with a profile projection per adapter, PEFT's test expects "
+                         "a tuner-class flag")
+        return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
 def _expected_failure(fn, reason: str):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -302,6 +320,8 @@ def _cuma_tests(cls: type, base: type) -> type:
             setattr(cls, name, _expected_failure(fn, "CuMA adapters cannot be merged"))
         elif name in NEEDS_NO_PROFILE:
             setattr(cls, name, _without_profile_only(fn))
+        elif name == "test_load_model_low_cpu_mem_usage":
+            setattr(cls, name, _direct_injection_refused_with_projection(fn))
     return cls
 
 
