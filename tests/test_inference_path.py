@@ -169,3 +169,16 @@ def test_generate_computes_each_profile_part_once(monkeypatch):
     assert len(parts) == routers
     model.generate(input_ids=ids, attention_mask=mask, **kw)
     assert len(parts) == 2 * routers
+
+
+def test_router_gains_saved_as_scalars_still_load():
+    """The balanced router's gains are (1,)-shaped (FSDP refuses 0-d parameters); adapters saved when they were 0-d
+    load unchanged."""
+    from cuma.routing import Router
+
+    r = Router(6, 4, 3, hidden=5, input_norm="balanced", profile_gain_init=2.0)
+    old = {k: (v.reshape(()) if k.endswith("_gain") else v) for k, v in r.state_dict().items()}
+    old["token_gain"] = torch.tensor(1.5)
+    fresh = Router(6, 4, 3, hidden=5, input_norm="balanced")
+    fresh.load_state_dict(old)
+    assert fresh.token_gain.shape == (1,) and float(fresh.token_gain) == 1.5 and float(fresh.profile_gain) == 2.0
