@@ -292,28 +292,38 @@ def main() -> int:
     print()
     for name, ok in verdicts.items():
         print(f"target {name}: {'met' if ok else 'NOT met'}")
+    record = {"start": start, "loadavg_end": os.getloadavg(), "max_tokens": args.max_tokens, "repeats": args.repeats,
+              "stream_repeats": args.stream_repeats, "samples": samples, "medians": med,
+              "ratios_cuma_over_lora": ratios, "ratios_before": ratios_before or None, "targets": verdicts,
+              "before_src": str(before) if before else None, "cuma_options": FAST}
+    if args.json:  # the serving figures first: a failure of the step part below must not lose them
+        from cuma.runinfo import atomic_write_json
+
+        atomic_write_json(args.json, record)
     other = None
     if before is not None and args.step:
         threads = args.threads or 2
         runs = {"after": [], "before": []}
-        for _ in range(2):  # alternating, so that both trees see the same load
-            runs["before"].append(child_run(before, threads))
-            runs["after"].append(child_run(None, threads))
-        other = {tree: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for tree, rs in runs.items()}
+        try:
+            for _ in range(2):  # alternating, so that both trees see the same load
+                runs["before"].append(child_run(before, threads))
+                runs["after"].append(child_run(None, threads))
+        except Exception as err:  # noqa: BLE001 - reported and recorded; the serving figures are already written
+            print(f"step/scoring part failed: {err}")
+            record["step_and_scoring_error"] = str(err)
+            runs = {k: v for k, v in runs.items() if v}
+        other = ({tree: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for tree, rs in runs.items()}
+                 if len(runs) == 2 else None)
+    if other is not None:
         print(f"\nCuMA training step (batch 4 x 64, AdamW) and scoring (score_prompts, 32 prompts, batch 16), "
-              f"{threads} threads, medians of 2 runs")
+              f"{args.threads or 2} threads, medians of 2 runs")
         print("| measure | before | after | after / before |\n|---|---:|---:|---:|")
         for k in other["after"]:
             b, a = other["before"][k], other["after"][k]
             print(f"| {k} | {b:.3f} | {a:.3f} | {a / b:.2f}x |")
     if args.json:
-        from cuma.runinfo import atomic_write_json
-
-        atomic_write_json(args.json, {"start": start, "loadavg_end": os.getloadavg(), "max_tokens": args.max_tokens,
-                                      "repeats": args.repeats, "samples": samples, "medians": med,
-                                      "ratios_cuma_over_lora": ratios, "ratios_before": ratios_before or None,
-                                      "targets": verdicts, "before_src": str(before) if before else None,
-                                      "step_and_scoring": other, "cuma_options": FAST})
+        record["step_and_scoring"] = other
+        atomic_write_json(args.json, record)
     return 0 if all(verdicts.values()) else 1
 
 
