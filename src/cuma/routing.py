@@ -25,8 +25,20 @@ ROUTER_INPUT_NORMS = ("none", "balanced")
 
 def rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x / RMS(x)`` over the last dimension (computed in fp32): every vector gets per-dimension RMS 1."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), eps=eps)  # the same formula as one fused operator
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def weights_key(*tensors: Optional[torch.Tensor]) -> Optional[tuple]:
+    """What a tensor derived from these parameters depends on: their storage (a move to another device or dtype, or
+    a new tensor, gets a new one) and version (bumped by every in-place update: optimiser steps, ``load_state_dict``).
+    None when a tensor has no version counter (created in inference mode): then nothing may be cached."""
+    try:
+        return tuple((t.data_ptr(), t._version, t.dtype) if t is not None else None for t in tensors)
+    except RuntimeError:
+        return None
 
 
 class Router(nn.Module):
@@ -68,11 +80,19 @@ class Router(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(widths[:-1], widths[1:]))
         if input_norm == "balanced":
-            self.token_gain = nn.Parameter(torch.ones(()))
-            self.profile_gain = nn.Parameter(torch.full((), float(profile_gain_init))) if profile_dim else None
+            # shape (1,), not a 0-d scalar: FSDP refuses scalar parameters (adapters saved with 0-d gains still load)
+            self.token_gain = nn.Parameter(torch.ones(1))
+            self.profile_gain = nn.Parameter(torch.full((1,), float(profile_gain_init))) if profile_dim else None
         if token_init_scale != 1.0:
             with torch.no_grad():
                 self.layers[0].weight[:, :in_features].mul_(token_init_scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("token_gain", "profile_gain"):
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.dim() == 0:  # saved before the gains had shape (1,)
+                state_dict[prefix + name] = value.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, hidden: torch.Tensor, profile: Optional[torch.Tensor] = None) -> torch.Tensor:
         """hidden: (B, T, in) ; profile: (B, profile_dim) or None. Returns logits (B, T, N)."""
@@ -97,6 +117,62 @@ class Router(nn.Module):
                 out = out + F.linear(pe, w[:, self.in_features :]).unsqueeze(1)
         for layer in self.layers[1:]:
             out = layer(self.dropout(F.relu(out)))
+        return out
+
+    # ---------------------------------------------------------------------------------------- inference (no grad)
+    # The same function as forward() in eval mode without gradients, arranged for serving: the first Linear is split
+    # once into contiguous token and profile parts with the learned gains folded in (not sliced, copied and scaled in
+    # every call), and the profile part, constant over a sequence, is computed once per call and row
+    # (profile_part) instead of once per token.
+
+    def inference_weights(self) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(W_h * token_gain, W_e * profile_gain, bias)`` of the first Linear, contiguous; cached on the module
+        and rebuilt whenever a parameter changes (its version or storage). Only for calls without gradients."""
+        first = self.layers[0]
+        tg = getattr(self, "token_gain", None) if self.input_norm == "balanced" else None
+        pg = getattr(self, "profile_gain", None) if self.input_norm == "balanced" else None
+        key = weights_key(first.weight, first.bias, tg, pg)
+        hit = self.__dict__.get("_inference_cache")
+        if key is not None and hit is not None and hit[0] == key:
+            return hit[1]
+        w = first.weight.detach()
+        wh = w[:, : self.in_features]
+        we = w[:, self.in_features :] if self.profile_dim else None
+        if tg is not None:
+            wh = wh * tg.detach().to(w.dtype)
+        if pg is not None and we is not None:
+            we = we * pg.detach().to(w.dtype)
+        out = (wh.contiguous(), we.contiguous() if we is not None else None,
+               first.bias.detach() if first.bias is not None else None)
+        if key is not None:
+            self.__dict__["_inference_cache"] = (key, out)
+        return out
+
+    def profile_part(self, profile: Optional[torch.Tensor], normalised: bool = False) -> Optional[torch.Tensor]:
+        """The first Linear's profile term plus its bias for each row, ``(rows, hidden)`` (no gradients): what the
+        router adds to every token of a row. ``normalised``: ``profile`` is already ``rms_normalise``-d (the same for
+        every router of an adapter, so a caller computes it once)."""
+        _, we, bias = self.inference_weights()
+        if not self.profile_dim:
+            return bias.unsqueeze(0) if bias is not None else None
+        if profile is None:
+            raise ValueError("this router routes on the profile but no profile embedding was given")
+        pe = profile.to(we.dtype)
+        if self.input_norm == "balanced" and not normalised:
+            pe = rms_normalise(pe)
+        return F.linear(pe, we, bias)
+
+    def infer(self, hidden: torch.Tensor, part: Optional[torch.Tensor]) -> torch.Tensor:
+        """forward() without gradients in eval mode: ``part`` is :meth:`profile_part` of this call's rows."""
+        wh, _, _ = self.inference_weights()
+        h = hidden.to(wh.dtype)
+        if self.input_norm == "balanced":
+            h = rms_normalise(h)
+        out = F.linear(h, wh)
+        if part is not None:
+            out = out + part.unsqueeze(1)
+        for layer in self.layers[1:]:
+            out = layer(F.relu(out))
         return out
 
 

@@ -10,9 +10,11 @@ How a profile travels::
 
     PeftModel.forward / generate(profile_embeds=e)
       -> CuMAModel._enable_peft_forward_hooks: hand_over_profile(scope, e)    (for the duration of that PeftModel call)
-      -> base-model forward pre-hook (CallHooks.open): a RoutingCall with e's rows for this batch
-         (generation repeats each row for beams / returned sequences; anything else must match row for row)
-      -> adapted layers: scope.current() -> profile rows, mask; call.record(term)
+      -> base-model forward pre-hook (CallHooks.open): a RoutingCall carrying e (whatever the base model's inputs
+         are called: input_ids, inputs_embeds, pixel_values, X, ...)
+      -> adapted layers: scope.current().profile_for(rows of the layer's own input) -> e's rows for that batch
+         (generation repeats each row for beams / returned sequences; anything else must match row for row), mask;
+         call.record(term)
       -> base-model forward hook (CallHooks.finish): the finished call's terms go to this context's buffer
          always-called hook (CallHooks.close): the call ends, also when the forward raised (its terms are dropped)
     pop_balance_loss(model) -> takes this context's finished terms of the model's scopes.
@@ -43,7 +45,9 @@ PROFILE_KWARG = "profile_embeds"
 _EMPTY: Mapping = MappingProxyType({})
 # scope -> the call of that scope now running in this context
 _ACTIVE: ContextVar[Mapping["RoutingScope", "RoutingCall"]] = ContextVar("cuma_routing_calls", default=_EMPTY)
-# scope -> (profile_embeds, generating) handed over by a PeftModel call for its base-model calls
+# scope -> (profile_embeds, generating, derived) handed over by a PeftModel call for its base-model calls; ``derived``
+# holds values computed from that profile which every base-model call of the PeftModel call may reuse (the routers'
+# profile parts across the decode steps of one generate); it dies with the PeftModel call
 _HANDOFF: ContextVar[Mapping["RoutingScope", tuple]] = ContextVar("cuma_profile_handoff", default=_EMPTY)
 # inside PeftModel.generate: the base model's rows are the caller's rows repeated in place (beams, sequences)
 _GENERATING: ContextVar[bool] = ContextVar("cuma_generating", default=False)
@@ -95,7 +99,8 @@ class RoutingScope:
                 y = layer(x)
 
         On a clean exit the recorded balance terms wait for :func:`take_finished` like a model call's."""
-        call = RoutingCall(profile_rows=profile_rows, token_mask=token_mask, records_balance=records_balance)
+        call = RoutingCall(profile_rows=profile_rows, token_mask=token_mask, records_balance=records_balance,
+                           profile=profile_rows)
         token = _push(self, call)
         try:
             yield call
@@ -118,6 +123,18 @@ class RoutingCall:
     token_mask: Optional[torch.Tensor] = None
     records_balance: bool = False
     recompute: bool = False
+    # the profile as the caller handed it over (one row per prompt) and whether the call is a generation step (its
+    # batch repeats each prompt's row in place); ``profile_rows`` becomes the rows matched to the batch the layers see
+    profile: Optional[torch.Tensor] = None
+    generating: bool = False
+    # (rows, device) -> the profile rows of a batch of that many rows on that device: matched once per call, not in
+    # every layer
+    matched_rows: dict = field(default_factory=dict)
+    # values derived from the profile that every routed layer of this call reuses (each router's profile part, the
+    # normalised profile): key -> tensor, filled only by calls without gradients. It belongs to the PeftModel call
+    # that handed the profile over (the base-model calls of one generate share it: the profile is the same in every
+    # decode step) or, for a direct base-model call, to that call; it dies with it. A checkpoint recompute starts empty.
+    derived: dict = field(default_factory=dict)
     balance_terms: list = field(default_factory=list)
     # per-call statistics that become one term when the call ends (MixLoRA's Mixtral term over all layers)
     accumulators: dict = field(default_factory=dict)
@@ -162,7 +179,26 @@ class RoutingCall:
     def for_recompute(self) -> "RoutingCall":
         """The same inputs for a gradient-checkpointing recompute: records nothing, shares no cache."""
         return RoutingCall(profile_rows=self.profile_rows, token_mask=self.token_mask,
-                           records_balance=self.records_balance, recompute=True)
+                           records_balance=self.records_balance, recompute=True, profile=self.profile,
+                           generating=self.generating)
+
+    def profile_for(self, rows: int, device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+        """This call's profile rows for a layer input whose leading dimension (its batch) is ``rows``: the handed-over
+        profile as given when the counts match, each row repeated in place during generation (beams, returned
+        sequences); anything else raises. The layer knows its batch from its own input, so the call never guesses it
+        from the base model's argument names. Matched once per (rows, device) for the whole call."""
+        source = self.profile if self.profile is not None else self.profile_rows
+        if source is None:
+            return None
+        key = (rows, device)
+        hit = self.matched_rows.get(key)
+        if hit is None:
+            hit = expand_profile(source, rows, self.generating)
+            if device is not None:
+                hit = hit.to(device)
+            self.matched_rows[key] = hit
+        self.profile_rows = hit
+        return hit
 
     def mask_for(self, rows: int, length: int) -> Optional[torch.Tensor]:
         """Boolean (rows, length) mask of this call's last ``length`` positions, or None when it does not fit."""
@@ -207,7 +243,7 @@ def take_finished(scopes) -> list:
 def hand_over_profile(scope: RoutingScope, profile: Optional[torch.Tensor]) -> Iterator[None]:
     """Make ``profile`` (or explicitly no profile) the profile of the base-model calls of ``scope`` made inside."""
     handoff = dict(_HANDOFF.get())
-    handoff[scope] = (profile, _GENERATING.get())
+    handoff[scope] = (profile, _GENERATING.get(), {})
     token = _HANDOFF.set(MappingProxyType(handoff))
     try:
         yield
@@ -244,13 +280,6 @@ def expand_profile(profile: Optional[torch.Tensor], rows: int, generating: bool)
 
 
 # ------------------------------------------------------------------------------------------------ base-model hooks
-
-
-def _batch_rows(args: tuple, kwargs: dict) -> Optional[int]:
-    ref = kwargs.get("input_ids", args[0] if args else None)
-    if ref is None:
-        ref = kwargs.get("inputs_embeds")
-    return int(ref.shape[0]) if isinstance(ref, torch.Tensor) and ref.dim() >= 2 else None
 
 
 def check_profile(profile: Any, widths: Mapping[str, int]) -> None:
@@ -302,11 +331,12 @@ class CallHooks:
                     raise ValueError(f"this {self.scope.kind} adapter does not route on a profile: drop profile_embeds")
                 check_profile(profile, self.profile_widths())
         else:
-            profile, generating = _HANDOFF.get().get(self.scope, (None, False))
-        rows = _batch_rows(args, kwargs)
-        if profile is not None and rows is not None:
-            device = next(module.parameters()).device
-            call.profile_rows = expand_profile(profile, rows, generating).to(device)
+            profile, generating, derived = _HANDOFF.get().get(self.scope, (None, False, None))
+            if derived is not None:
+                call.derived = derived  # shared by the base-model calls of one PeftModel call (one generate)
+        # the rows are matched to the batch by the routed layers (RoutingCall.profile_for), from their own input
+        call.profile = profile
+        call.generating = generating
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         call.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         call.records_balance = module.training and torch.is_grad_enabled()

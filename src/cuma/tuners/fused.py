@@ -247,7 +247,7 @@ def cuma_forward(layer, adapter_name: str, x: torch.Tensor, result: torch.Tensor
     The routing (``layer._route``: current call, profile rows, padding mask, balance term, router sharing) runs the
     static-shape :func:`route_topk` when the config's fast path is on; the experts run here."""
     config = layer.cuma_settings[adapter_name]
-    x3 = x.unsqueeze(0) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
+    x3 = x.unsqueeze(1) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, features)
     gates, mask = layer._route(adapter_name, x, x3)
     if gates_requested(layer):
         log_gates(layer, gates.weights, mask, layer._routing_scope.current())

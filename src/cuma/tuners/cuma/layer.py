@@ -9,11 +9,18 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...routing import Gates, Router, gates_requested, log_gates, switch_balance_loss, topk_gates
+from ...routing import (Gates, Router, gates_requested, log_gates, rms_normalise, switch_balance_loss, topk_gates,
+                        weights_key)
 from ...routing_state import RoutingCall, RoutingScope
 from .. import fused
 from .._shared import init_lora_pair
 from .config import CuMAConfig
+
+
+def as_batch(x: torch.Tensor) -> torch.Tensor:
+    """The layer input as (batch, tokens, features): its leading dimension is the batch the profile rows must match
+    (a 2-D input, as in models without a sequence axis, is one token per example)."""
+    return x.unsqueeze(1) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 class CuMALayer(BaseTunerLayer):
@@ -100,20 +107,16 @@ class CuMALayer(BaseTunerLayer):
             )
         return call
 
-    def _profile_for(self, adapter_name: str, call: Optional[RoutingCall], rows: int) -> Optional[torch.Tensor]:
+    def _profile_for(self, adapter_name: str, call: Optional[RoutingCall], rows: int,
+                     device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
         config = self.cuma_settings[adapter_name]
         if config.profile_dim == 0:
             return None
-        e = call.profile_rows if call is not None else None
+        e = call.profile_for(rows, device) if call is not None else None
         if e is None:
             raise ValueError(
                 f"CuMA adapter '{adapter_name}' routes on the profile: pass profile_embeds=Tensor(batch, "
                 f"{config.profile_dim}) to forward()/generate() (from cuma.ProfileEncoder.encode)."
-            )
-        if e.shape[0] != rows:
-            raise ValueError(
-                f"profile_embeds gives {e.shape[0]} rows but this layer sees a batch of {rows}; pass one profile "
-                "row per example of the batch"
             )
         # the subtraction runs in every layer, not cached per call (a checkpoint recompute must save what its forward
         # saved); the fitted centre and basis are buffers of the tuner (ProfileStats), saved with the adapter weights
@@ -160,7 +163,7 @@ class CuMALayer(BaseTunerLayer):
         # router. A recompute computes the term again (it must save what the forward saved) but does not record it.
         grad = torch.enable_grad() if balance and not torch.is_grad_enabled() else nullcontext()
         with grad:
-            profile = self._profile_for(adapter_name, call, rows)
+            profile = self._profile_for(adapter_name, call, rows, x3.device)
             if config.fast_path != "off":  # the static-shape routing of the fast path (cuma.tuners.fused)
                 route = fused.compiled(fused.route_topk) if config.fast_path_compile else fused.route_topk
                 k = config.effective_top_k
@@ -180,7 +183,7 @@ class CuMALayer(BaseTunerLayer):
     def _expert_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """scaling * sum_i g_i B_i A_i dropout(x), computed densely for all experts and masked by the gates."""
         config = self.cuma_settings[adapter_name]
-        x3 = x.unsqueeze(0) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
+        x3 = as_batch(x)
         gates, mask = self._route(adapter_name, x, x3)
         if gates_requested(self):
             log_gates(self, gates.weights, mask, self._routing_scope.current())
@@ -198,6 +201,102 @@ class CuMALayer(BaseTunerLayer):
         delta = z.flatten(-2) @ b.reshape(n * r, self.out_features)
         delta = delta * config.scaling
         return delta.reshape(*x.shape[:-1], self.out_features)
+
+
+    # ------------------------------------------------------------------------------------- inference (no grad)
+    # Eval-mode calls without gradients (serving, evaluation, generate) take a leaner route to the same function:
+    # the router's profile part once per call and row instead of once per token (Router.profile_part), the routers'
+    # and experts' weights in the layout the matmuls want (cached until a parameter changes), the LoRA scaling folded
+    # into B, the delta accumulated onto the base output inside the GEMM, and no padding mask unless gates are
+    # recorded. Training and gradient calls keep the reference path above (tests/test_fast_path.py compares both).
+
+    def _infers(self, config: CuMAConfig, x: torch.Tensor) -> bool:
+        return (not torch.is_grad_enabled() and not self.training and config.fast_path != "triton"
+                and not config.fast_path_compile and not torch.is_autocast_enabled(x.device.type))
+
+    def _inference_experts(self, adapter_name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_cat (in, N*r) or the shared A (in, r), scaling * B_cat (N*r, out))`` in ``dtype``, cached until a
+        parameter changes."""
+        config = self.cuma_settings[adapter_name]
+        a, b = self.cuma_A[adapter_name], self.cuma_B[adapter_name]
+        key = (weights_key(a, b), dtype, config.scaling)
+        cache = self.__dict__.setdefault("_cuma_inference_cache", {})
+        hit = cache.get(adapter_name)
+        if key[0] is not None and hit is not None and hit[0] == key:
+            return hit[1]
+        n, r = config.num_experts, config.r
+        a_cat = a.detach() if config.shared_A else a.detach().permute(1, 0, 2).reshape(self.in_features, n * r)
+        b_cat = b.detach().reshape(n * r, self.out_features) * config.scaling
+        out = (a_cat.to(dtype).contiguous(), b_cat.to(dtype).contiguous())
+        if key[0] is not None:
+            cache[adapter_name] = (key, out)
+        return out
+
+    def _profile_part(self, adapter_name: str, router: Router, call: Optional[RoutingCall], rows: int,
+                      device: torch.device) -> Optional[torch.Tensor]:
+        """The router's per-row profile term for this call: computed by the first layer of the call that needs it
+        and kept in the call (RoutingCall.derived), so never seen by another call."""
+        if call is None:
+            return router.profile_part(self._profile_for(adapter_name, call, rows, device))
+        if self.cuma_settings[adapter_name].profile_dim:
+            call.profile_for(rows, device)  # matches (and checks) this call's rows even when the parts are reused
+        derived = call.derived
+        key = ("profile_part", id(router), rows, device)
+        part = derived.get(key)
+        if part is None:
+            pkey = ("profile", adapter_name, rows, device)
+            if pkey not in derived:
+                derived[pkey] = self._profile_for(adapter_name, call, rows, device)
+            e = derived[pkey]
+            if e is not None and router.input_norm == "balanced":
+                # the balanced norm of the profile is the same for every router of the adapter: once per call
+                nkey = ("profile_normalised", adapter_name, rows, device, router.layers[0].weight.dtype)
+                if nkey not in derived:
+                    derived[nkey] = rms_normalise(e.to(router.layers[0].weight.dtype))
+                part = router.profile_part(derived[nkey], normalised=True)
+            else:
+                part = router.profile_part(e)
+            derived[key] = part
+        return part
+
+    def _infer(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` + this adapter's routed delta, for an eval-mode call without gradients."""
+        config = self.cuma_settings[adapter_name]
+        owner = self._router_owner.get(adapter_name, self)
+        x3 = as_batch(x)
+        rows = x3.shape[0]
+        call = self._current_call(adapter_name, needs_profile=config.profile_dim > 0)
+        shared_key = (id(owner), adapter_name)
+        cached = call.shared_gates.get(shared_key) if call is not None else None
+        if cached is not None and cached[0] is x:
+            weights = cached[1].weights  # a projection sharing this router already routed this exact input
+        else:
+            router: Router = owner.cuma_router[adapter_name]
+            logits = router.infer(x3, self._profile_part(adapter_name, router, call, rows, x3.device))
+            probs = torch.softmax(logits.float(), dim=-1)
+            k = config.effective_top_k
+            if k >= probs.shape[-1]:
+                weights = probs
+            else:  # topk_gates' operations, without the kept-expert mask (only the balance term reads it)
+                vals, idx = probs.topk(k, dim=-1)
+                weights = torch.zeros_like(probs).scatter_(-1, idx, vals / vals.sum(dim=-1, keepdim=True))
+            if call is not None and adapter_name in owner._router_has_followers:
+                call.shared_gates[shared_key] = (x, Gates(weights=weights, probs=probs, selected=None, top_k=k))
+        if gates_requested(self):
+            mask = call.mask_for(rows, x3.shape[1]) if call is not None else None
+            log_gates(self, weights, mask, call)
+        a_cat, b_cat = self._inference_experts(adapter_name, self.cuma_A[adapter_name].dtype)
+        h = self._cast_input_dtype(x3, a_cat.dtype)
+        z = h @ a_cat
+        g = weights.to(z.dtype)
+        if config.shared_A:
+            zg = (g.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)
+        else:
+            zg = (z.unflatten(-1, (config.num_experts, config.r)) * g.unsqueeze(-1)).flatten(-2)
+        zg = zg.reshape(-1, zg.shape[-1])
+        if result.dtype == zg.dtype and result.is_contiguous():
+            return torch.addmm(result.reshape(-1, self.out_features), zg, b_cat).reshape(result.shape)
+        return result + (zg @ b_cat).to(result.dtype).reshape(result.shape)
 
 
 class Linear(nn.Module, CuMALayer):
@@ -224,7 +323,11 @@ class Linear(nn.Module, CuMALayer):
         for adapter_name in self.active_adapters:
             if adapter_name not in self.cuma_A:
                 continue
-            if self.cuma_settings[adapter_name].fast_path != "off":
+            config = self.cuma_settings[adapter_name]
+            if self._infers(config, x):
+                result = self._infer(adapter_name, x, result)
+                continue
+            if config.fast_path != "off":
                 result = fused.cuma_forward(self, adapter_name, x, result)
                 continue
             result = result + self._expert_delta(adapter_name, x).to(result.dtype)

@@ -158,6 +158,17 @@ class CuMAModel(RoutedTuner):
     tuner_layer_cls = CuMALayer
     target_module_mapping: dict[str, list[str]] = {}
 
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default", **kwargs) -> None:
+        # PeftModel hands the tuner a {name: config} dict; peft.inject_adapter_in_model hands it the bare config and
+        # keeps only the model, which would lose a profile projection (it lives on the tuner): refuse that case the
+        # way PEFT refuses tuners with shared state
+        if isinstance(peft_config, CuMAConfig) and peft_config.profile_proj_layers > 0:
+            raise ValueError(
+                "`inject_adapter_in_model` does not support a CuMA adapter with profile_proj_layers > 0: its profile "
+                "projection is shared state stored on the tuner. Please use `get_peft_model` instead."
+            )
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
     # ------------------------------------------------------------------------------------------------ injection
     def _pre_injection_hook(self, model: nn.Module, config: CuMAConfig, adapter_name: str) -> None:
         if not hasattr(self, "routing_scope"):
@@ -186,8 +197,10 @@ class CuMAModel(RoutedTuner):
         proj = build_profile_projection(config)
         if proj is not None:
             first = next(self.model.parameters(), None)
-            if first is not None and first.device.type != "meta":
-                proj = proj.to(first.device)
+            # built like PEFT builds adapter layers: in the base model's dtype (_cast_adapter_dtype upcasts it), and
+            # left on the meta device under low_cpu_mem_usage (the loaded weights are assigned later)
+            if first is not None and first.device.type != "meta" and not any(p.is_meta for p in proj.parameters()):
+                proj = proj.to(device=first.device, dtype=first.dtype if first.is_floating_point() else None)
             self.cuma_profile_proj[adapter_name] = proj
 
     def _router_group(self, config: CuMAConfig, key: str) -> Optional[tuple[str, str]]:
@@ -230,6 +243,14 @@ class CuMAModel(RoutedTuner):
             self._replace_module(parent, target_name, new_module, target)
         if group is not None and owner is None:
             self._router_owners[(adapter_name, *group)] = new_module
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        proj = self.cuma_profile_proj[adapter_name] if adapter_name in self.cuma_profile_proj else None
+        if autocast_adapter_dtype and proj is not None:  # PEFT's rule for adapter weights: fp16/bf16 -> fp32
+            for p in proj.parameters():
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    p.data = p.data.float()
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
