@@ -118,7 +118,7 @@ def check_same(layer, x: torch.Tensor, fn, profile=None, rtol: float = 1e-4, ato
     outs = []
     for f in (lambda t: layer(t), lambda t: fn(layer, t)):
         xx = x.detach().clone().requires_grad_(True)
-        with layer._routing_scope.call(profile_rows=profile, records_balance=layer.training) as call:
+        with layer.routing_scope.call(profile_rows=profile, records_balance=layer.training) as call:
             y = f(xx)
         g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
         loss = (y * g).sum() + sum(call.balance_terms, torch.zeros(()))

@@ -20,7 +20,7 @@ Variants
                      and --quick skips it unless --protos on)
 
 ``--build direct`` (default) instantiates the layer classes directly and runs each CuMA call inside its own
-``layer._routing_scope.call(profile_rows=...)``, so neither variant pays PEFT's model-level forward hooks;
+``layer.routing_scope.call(profile_rows=...)``, so neither variant pays PEFT's model-level forward hooks;
 ``--build peft`` wraps the Linear as ``q_proj`` of a tiny module and goes through ``peft.get_peft_model`` and
 ``PeftModel.forward`` (adds the same small per-call hook overhead to both).
 """
@@ -135,7 +135,7 @@ def build(d: int, tokens: tuple[int, int], mode: str, seed: int, with_proto: boo
             if layer is None:
                 outs, grads = [fwd()], [grad_y]
             elif mode == "direct":
-                with layer._routing_scope.call(profile_rows=profile, records_balance=True) as call:
+                with layer.routing_scope.call(profile_rows=profile, records_balance=True) as call:
                     y = fwd()
                 outs, grads = [y, torch.stack(call.balance_terms).sum()], [grad_y, torch.ones(())]
             else:

@@ -83,13 +83,13 @@ def build_layer(d: int, seed: int, profile: torch.Tensor) -> CuMALinear:
         router_hidden=256, init_weights=False,  # non-zero B so that the experts' outputs are compared for real
     )
     # eval mode: the balance term is not recorded (it is not part of this comparison); dropout is 0 anyway. The
-    # layer's calls run inside `layer._routing_scope.call(profile_rows=profile)` (see expert_delta below).
+    # layer's calls run inside `layer.routing_scope.call(profile_rows=profile)` (see expert_delta below).
     return CuMALinear(base, "default", config).eval()
 
 
 def expert_delta(layer: CuMALinear, x, profile):
     """The layer's own CuMALayer._expert_delta, inside a routing call that carries the profile rows."""
-    with layer._routing_scope.call(profile_rows=profile, records_balance=False):
+    with layer.routing_scope.call(profile_rows=profile, records_balance=False):
         return layer._expert_delta("default", x)
 
 

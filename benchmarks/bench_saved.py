@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         layer = CuMALinear(frozen(), "default", cfg, RoutingScope("cuma")).train()
 
         def run(layer=layer):
-            with layer._routing_scope.call(profile_rows=profile, records_balance=True):
+            with layer.routing_scope.call(profile_rows=profile, records_balance=True):
                 return layer(x)
 
         rows[f"cuma ({path})"] = saved_bytes(run, [x, profile, *layer.parameters(), layer.base_layer.weight])

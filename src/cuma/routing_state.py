@@ -57,30 +57,15 @@ _FINISHED: ContextVar[Optional[dict]] = ContextVar("cuma_finished_terms", defaul
 
 class RoutingScope:
     """The key under which the calls of one tuner live, plus that tuner's fixed routing parts (the profile
-    projections and profile centres of CuMA). One per tuner instance; ``copy.deepcopy`` of the model gives the copy
-    its own scope. Holds no per-call data."""
+    projections and fitted profile statistics of CuMA). One per tuner instance; ``copy.deepcopy`` of the model gives
+    the copy its own scope. Holds no per-call data."""
 
     def __init__(self, kind: str, profile_proj: Optional[nn.ModuleDict] = None) -> None:
         self.kind = kind
         self.profile_proj = profile_proj  # owned (and registered) by the tuner, referenced here
-        # (kind, adapter, device, dtype) -> (the config's fitted list: profile_center or profile_basis, that list as a
-        # tensor): converted once, not in every routed layer of every forward; a refit (a new list) converts again
-        self._fitted_tensors: dict = {}
-
-    def profile_center(self, adapter_name: str, center: list, like: torch.Tensor) -> torch.Tensor:
-        """``center`` (an adapter config's fitted ``profile_center``) as a tensor on ``like``'s device and dtype."""
-        return self._fitted("center", adapter_name, center, like)
-
-    def profile_basis(self, adapter_name: str, basis: list, like: torch.Tensor) -> torch.Tensor:
-        """``basis`` (an adapter config's fitted ``profile_basis``, k rows) as a (k, dim) tensor like ``like``."""
-        return self._fitted("basis", adapter_name, basis, like)
-
-    def _fitted(self, kind: str, adapter_name: str, values: list, like: torch.Tensor) -> torch.Tensor:
-        key = (kind, adapter_name, like.device, like.dtype)
-        hit = self._fitted_tensors.get(key)
-        if hit is None or hit[0] is not values:
-            hit = self._fitted_tensors[key] = (values, torch.as_tensor(values, dtype=like.dtype, device=like.device))
-        return hit[1]
+        # the fitted profile statistics (centre, basis) per adapter: an nn.ModuleDict of buffers owned by the CuMA
+        # tuner (saved with the adapter weights), referenced here so each routed layer reads them; None: none fitted
+        self.profile_stats: Optional[nn.ModuleDict] = None
 
     def current(self) -> Optional["RoutingCall"]:
         """The call of this scope running in this context, or None outside any call."""

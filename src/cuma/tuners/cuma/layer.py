@@ -27,6 +27,12 @@ class CuMALayer(BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ("cuma_A", "cuma_B", "cuma_router")
     other_param_names: tuple[str, ...] = ("cuma_settings", "cuma_dropout", "_router_owner")
 
+    @property
+    def routing_scope(self) -> RoutingScope:
+        """The tuner's routing scope; ``with layer.routing_scope.call(profile_rows=e): layer(x)`` runs this layer on
+        its own, outside a base model (tests, benchmarks)."""
+        return self._routing_scope
+
     def __init__(self, base_layer: nn.Module, routing_scope: RoutingScope, **kwargs) -> None:
         self.base_layer = base_layer
         self.cuma_A = nn.ParameterDict({})
@@ -121,7 +127,7 @@ class CuMALayer(BaseTunerLayer):
         # the subtraction runs in every layer, not cached per call (a checkpoint recompute must save what its forward
         # saved); the fitted centre and basis are buffers of the tuner (ProfileStats), saved with the adapter weights
         if config.router_profile_center == "train":
-            stats = getattr(self._routing_scope, "profile_stats", None)
+            stats = self._routing_scope.profile_stats
             stats = stats[adapter_name] if stats is not None and adapter_name in stats else None
             if stats is None or stats.center is None:
                 raise ValueError(

@@ -19,6 +19,12 @@ class HydraLoRALayer(BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ("hydralora_A", "hydralora_B", "hydralora_router")
     other_param_names: tuple[str, ...] = ("hydralora_settings", "hydralora_dropout")
 
+    @property
+    def routing_scope(self) -> RoutingScope:
+        """The tuner's routing scope; ``with layer.routing_scope.call(profile_rows=e): layer(x)`` runs this layer on
+        its own, outside a base model (tests, benchmarks)."""
+        return self._routing_scope
+
     def __init__(self, base_layer: nn.Module, routing_scope: Optional[RoutingScope] = None, **kwargs) -> None:
         self.base_layer = base_layer
         self.hydralora_A = nn.ParameterDict({})

@@ -70,6 +70,12 @@ class MixtralBalance:
 class MixLoRALayer(BaseTunerLayer):
     """Common base (PEFT's ``tuner_layer_cls``) of the attention LoRA and the FFN mixture block."""
 
+    @property
+    def routing_scope(self) -> RoutingScope:
+        """The tuner's routing scope; ``with layer.routing_scope.call(profile_rows=e): layer(x)`` runs this layer on
+        its own, outside a base model (tests, benchmarks)."""
+        return self._routing_scope
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise ValueError(_MERGE_ERROR)
 
