@@ -1,8 +1,10 @@
 """train.objective=distribution: the loss against hand-computed values, gradients, the collator, and a training step
 of every method family through run_sft on a tiny model and a prepared opinions folder built in code."""
 
+import glob
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -178,3 +180,43 @@ def test_gradients_flow_and_the_loss_falls(tiny_model_dir, tiny_opinions, tmp_pa
 def test_a_wvb_folder_is_refused_for_the_distribution_objective(tiny_model_dir, tiny_prepared, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a prepared opinions folder"):
         run_sft(_cfg(tiny_model_dir, tiny_prepared, tmp_path / "out", "lora"))
+
+
+OPINION_CONFIGS = sorted(p for p in glob.glob("configs/opinions/*.yaml") if not os.path.basename(p).startswith("_"))
+
+
+def test_opinion_configs_cover_every_trainable_method():
+    from cuma import methods
+    from cuma.config import load_config
+    from cuma.train.config import SFTRunConfig
+
+    names = {load_config(SFTRunConfig, p).method.name for p in OPINION_CONFIGS}
+    assert names == {m for m in methods.list_methods() if methods.get_spec(m).trainable}
+
+
+@pytest.mark.parametrize("path", OPINION_CONFIGS)
+def test_every_opinion_config_resolves(path):
+    from cuma import methods
+    from cuma.config import load_config
+    from cuma.train.config import SFTRunConfig
+
+    cfg = load_config(SFTRunConfig, path)
+    assert cfg.train.objective == "distribution"
+    check_objective(cfg.train)
+    methods.resolve_options(cfg.method.name, dict(cfg.method.options))
+
+
+def test_cuma_train_sft_runs_an_opinions_config(tiny_model_dir, tiny_opinions, tmp_path):
+    """`cuma train sft --config configs/opinions/cuma.yaml` with the tiny model (its options shrunk on the command
+    line, as a user would)."""
+    from cuma.cli import main
+
+    out = tmp_path / "cli"
+    argv = ["train", "sft", "--config", "configs/opinions/cuma.yaml", "--model.name_or_path", str(tiny_model_dir),
+            "--data.path", str(tiny_opinions), "--train.output_dir", str(out), "--train.max_steps", "1",
+            "--train.per_device_train_batch_size", "2", "--train.disable_tqdm", "true"]
+    assert main(argv) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["global_step"] == 1 and math.isfinite(run["train_loss"])
+    resolved = (out / "resolved_config.yaml").read_text()
+    assert "objective: distribution" in resolved
