@@ -365,6 +365,11 @@ def test_bad_inputs(tmp_path):
     opts.write_text("question,selections,options,source\nQ?,\"{'A': [0.5, 0.5]}\",\"Yes, No\",GAS\n", encoding="utf-8")
     with pytest.raises(OpinionsError, match=r"opts.csv:2: field 'options'"):
         read_source("globalopinionqa", opts)
+    with pytest.raises(OpinionsError, match="no respondent counts"):
+        read_source("globalopinionqa", GOQA, min_group_size=5)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + GOQA.read_bytes())
+    assert len(read_source("globalopinionqa", bom).cells) == 14
     # a duplicate cell with different values
     dup = tmp_path / "dup.json"
     item = {"question": "Q?", "options": ["a", "b"], "attribute": "X", "gold_distribution": [0.5, 0.5], "id": 1}

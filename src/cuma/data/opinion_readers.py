@@ -244,7 +244,7 @@ def read_globalopinionqa(path: PathLike, *, group_fields: Optional[Sequence[str]
         result.inputs["merge_groups"] = Path(merge_groups).expanduser()
     field = _attribute_field(group_fields, "globalopinionqa")
     cells = _Cells(result)
-    text = read_text(path)
+    text = read_text(path).lstrip("\ufeff")  # a byte-order mark would hide the first column's name
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 28))
     reader = csv.reader(text.splitlines(keepends=True))
     try:
@@ -647,6 +647,9 @@ def read_source(source: str, path: PathLike, *, group_fields: Optional[Sequence[
         raise OpinionsError(f"--source must be one of {list(SOURCES)}, got {source!r}")
     if isinstance(min_group_size, bool) or not isinstance(min_group_size, int) or min_group_size < 1:
         raise OpinionsError(f"--min-group-size must be a positive integer, got {min_group_size!r}")
+    if min_group_size > 1 and source in ("globalopinionqa", "opinions-json"):
+        raise OpinionsError(f"--min-group-size: source {source} has no respondent counts per cell; it applies to wvb "
+                            "and opinionqa")
     if not Path(path).expanduser().exists():
         raise FileNotFoundError(f"--input {str(path)!r} does not exist")
     return _READERS[source](path, group_fields=group_fields, merge_groups=merge_groups, min_group_size=min_group_size)
