@@ -46,7 +46,8 @@ def write_respondents(data, out: Path, per_cell: int, seed: int) -> int:
             rec = dict(base)
             for key in ("target", "weight", "cell_id", "group_id", "source", "cell_option_values"):
                 rec.pop(key, None)
-            rec.update(id=f"{cell.cell_id}#r{j}", participant_id=f"{cell.group_id}#r{j}", gold_value=int(k) + 1,
+            rec.update(id=f"{cell.group_id}#r{j}:{cell.question_id}", participant_id=f"{cell.group_id}#r{j}",
+                       gold_value=int(k) + 1,
                        gold_letter=base["letters"][int(k)])
             records.append(rec)
     random.Random(seed).shuffle(records)
@@ -69,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="prepared opinions folder")
     p.add_argument("--work", default="runs/bench-opinions-objective", help="adapters and the respondents folder")
     p.add_argument("--json", default=None, help="write the results to this file")
+    p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", default="cuma")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8)
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     train_cells = len(data.cells("train"))
     per_cell = args.respondents_per_cell or max(1, round(args.steps * args.batch_size / train_cells))
     n_resp = write_respondents(data, work / "respondents", per_cell, args.seed)
-    cfg = BenchConfig(data=str(data.path), steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    cfg = BenchConfig(data=str(data.path), model=args.model, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     rows, runs = {}, {}
 
     def score(name, adapter):
