@@ -14,7 +14,7 @@ Both are scored by ``cuma.evaluate.opinions_cli.evaluate_opinions`` on the same 
 beside the untrained persona row and the reference rows; wall time is the trainer's own train seconds.
 
     flock /tmp/cuma-heavy.lock python benchmarks/bench_opinions_objective.py --data DIR --json OUT.json \
-        [--steps 100] [--batch-size 8] [--methods cuma] [--split valid]
+        [--steps 40] [--batch-size 8] [--methods cuma] [--splits valid,test] [--reuse BENCH_OUT]
 """
 
 from __future__ import annotations
@@ -72,11 +72,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", default="cuma")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--respondents-per-cell", type=int, default=None,
                    help="default: enough that both runs see every training example about once")
-    p.add_argument("--split", default="valid", help="cells scored (valid: choosing; test: reporting)")
+    p.add_argument("--splits", default="valid", help="comma-separated splits scored (valid: choosing; test: reporting)")
+    p.add_argument("--reuse", default=None, help="a `cuma bench opinions` output folder: take its runs/<method> as the "
+                   "distribution run (trained with the same budget) instead of training it again")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -98,43 +100,57 @@ def main(argv=None) -> int:
     cfg = BenchConfig(data=str(data.path), model=args.model, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     rows, runs = {}, {}
 
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    keys = ("cells", "js_distance", "total_variation", "w1_ordinal", "argmax_agreement")
+
     def score(name, adapter):
         base, tok = load_base_and_tokenizer(cfg.model)
         built, _ = build_method(name, adapter, base)
-        r = evaluate_opinions(built.model.eval(), tok, built, data, split=args.split, progress=False)
-        return {part: {k: r["summary"][part][k] for k in ("cells", "js_distance", "total_variation", "w1_ordinal",
-                                                            "argmax_agreement")} for part in ("seen", "held_out")}, r
+        out, results = {}, {}
+        for split in splits:
+            r = evaluate_opinions(built.model.eval(), tok, built, data, split=split, progress=False)
+            results[split] = r
+            for part in ("seen", "held_out"):
+                out[f"{split}/{part}"] = {k: r["summary"][part][k] for k in keys}
+        return out, results
 
     t0 = time.perf_counter()
     first = None
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         for objective in ("distribution", "respondents"):
-            run_cfg = train_config(cfg, method, work / f"{method}-{objective}")
-            if objective == "respondents":
-                run_cfg.data.path = str(work / "respondents")
-                run_cfg.train.objective = "sft"
-            run = run_sft(run_cfg)
+            adapter = work / f"{method}-{objective}"
+            if objective == "distribution" and args.reuse:
+                adapter = Path(args.reuse) / "runs" / method
+                run = json.loads((adapter / "run.json").read_text())
+                if run["global_step"] != args.steps or Path(run["data"]["path"]).resolve() != data.path.resolve():
+                    raise ValueError(f"--reuse {adapter}: trained {run['global_step']} steps on {run['data']['path']}, "
+                                     f"not {args.steps} on {data.path}")
+            else:
+                run_cfg = train_config(cfg, method, adapter)
+                if objective == "respondents":
+                    run_cfg.data.path = str(work / "respondents")
+                    run_cfg.train.objective = "sft"
+                run = run_sft(run_cfg)
             key = f"{method} / {objective}"
             runs[key] = {"train_seconds": run["train_seconds"], "train_examples": run["train_records"],
-                         "global_step": run["global_step"], "train_loss": run["train_loss"]}
-            rows[key], res = score(method, str(work / f"{method}-{objective}"))
+                         "global_step": run["global_step"], "train_loss": run["train_loss"], "adapter": str(adapter)}
+            rows[key], res = score(method, str(adapter))
             first = first or res
     rows["persona (untrained)"], _ = score("persona", None)
     for ref in ("uniform", "population_average", "nearest_groups"):
-        rows[ref] = {part: {k: first["summary"][part]["references"][ref][k] for k in
-                            ("cells", "js_distance", "total_variation", "w1_ordinal", "argmax_agreement")}
-                     for part in ("seen", "held_out")}
-    result = {"benchmark": "bench_opinions_objective", "data": str(data.path), "split": args.split,
+        rows[ref] = {f"{split}/{part}": {k: first[split]["summary"][part]["references"][ref][k] for k in keys}
+                     for split in splits for part in ("seen", "held_out")}
+    result = {"benchmark": "bench_opinions_objective", "data": str(data.path), "splits": splits,
               "steps": args.steps, "batch_size": args.batch_size, "train_cells": train_cells,
               "respondents_per_cell": per_cell, "respondent_examples": n_resp, "rows": rows, "training": runs,
               "seconds": round(time.perf_counter() - t0, 1), "environment": environment_record()}
-    print(f"{'row':34s} {'part':9s} {'cells':>5s} {'JS':>7s} {'TV':>7s} {'W1':>7s} {'argmax':>7s} {'train s':>8s}")
+    print(f"{'row':34s} {'part':15s} {'cells':>5s} {'JS':>7s} {'TV':>7s} {'W1':>7s} {'argmax':>7s} {'train s':>8s}")
     for name, r in rows.items():
         for part, b in r.items():
             if b["cells"]:
                 fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
                 secs = runs.get(name, {}).get("train_seconds")
-                print(f"{name:34s} {part:9s} {b['cells']:5d} {fmt(b['js_distance']):>7s} {fmt(b['total_variation']):>7s} "
+                print(f"{name:34s} {part:15s} {b['cells']:5d} {fmt(b['js_distance']):>7s} {fmt(b['total_variation']):>7s} "
                       f"{fmt(b['w1_ordinal']):>7s} {fmt(b['argmax_agreement']):>7s} {'' if secs is None else f'{secs:8.1f}'}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

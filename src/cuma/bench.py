@@ -38,7 +38,8 @@ class BenchConfig:
     work: Optional[str] = None  # adapters go to WORK/<method> (default OUT/runs)
     model: str = "smollm2-135m"
     methods: list = field(default_factory=lambda: ["lora", "cuma-semantic", "cuma"])
-    steps: int = 150
+    # 60 steps x 3 methods + scoring fit the 30-minute budget on a 5,000-cell file on 2 CPU cores (docs/opinions.md)
+    steps: int = 60
     batch_size: int = 8
     learning_rate: float = 2e-3
     method_learning_rates: dict = field(default_factory=lambda: {"lora": 1e-3})  # the demo's per-method choice
