@@ -58,8 +58,8 @@ class BenchConfig:
     bootstrap: int = 2000
 
     def quick_version(self) -> "BenchConfig":
-        return BenchConfig(**{**asdict(self), "steps": min(self.steps, 8), "batch_size": 4,
-                              "eval_limit": min(self.eval_limit or 48, 48), "bootstrap": 500, "quick": True})
+        return BenchConfig(**{**asdict(self), "steps": min(self.steps, 5), "batch_size": 4,
+                              "eval_limit": min(self.eval_limit or 32, 32), "bootstrap": 500, "quick": True})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "write results.json and report.md to --out.")
     p.add_argument("--data", required=True, help="prepared opinions folder")
     p.add_argument("--out", required=True, help="output folder (results.json, report.md, figures, runs/)")
-    p.add_argument("--quick", action="store_true", help="a few steps and 48 evaluation cells (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="5 steps of batch 4 and 32 evaluation cells (a smoke run)")
     p.add_argument("--steps", type=int, default=None, help=f"training steps of every method (default {d.steps})")
     p.add_argument("--methods", default=",".join(d.methods), help="comma-separated trained methods")
     p.add_argument("--model", default=d.model, help="base model (default: the embedded SmolLM2-135M)")
@@ -288,18 +288,20 @@ def _figures(out: Path, table: dict, results: dict, focus: str) -> list[str]:
     colors = {"persona": "#999999", "lora": "#4c72b0", "cuma-semantic": "#dd8452", "cuma": "#55a868",
               "uniform": "#dddddd", "population_average": "#333333", "nearest_groups": "#8172b2"}
     parts = [p for p in ("seen", "held_out") if any(r[p]["cells"] for r in table.values())]
-    names = [n for n in table if all(table[n][p]["js_distance"] is not None for p in parts)]
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(names) * len(parts) / 2, 3.4))
-    w = 0.8 / len(names)
-    for j, n in enumerate(names):
-        vals = [table[n][p]["js_distance"] for p in parts]
-        ax.bar(np.arange(len(parts)) + (j - (len(names) - 1) / 2) * w, vals, w, label=LABELS.get(n, n),
-               color=colors.get(n, None))
-    ax.set_xticks(np.arange(len(parts)))
-    ax.set_xticklabels(["seen groups" if p == "seen" else "held-out groups" for p in parts])
-    ax.set_ylabel("mean JS distance to the targets (lower is better)")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(axis="y", alpha=0.3)
+    fig, axes = plt.subplots(1, len(parts), figsize=(4.6 * len(parts) + 1.6, 0.42 * len(table) + 1.2), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        names = [n for n in table if table[n][part]["js_distance"] is not None]
+        vals = [table[n][part]["js_distance"] for n in names]
+        y = np.arange(len(names))[::-1]
+        ax.barh(y, vals, color=[colors.get(n, "#777777") for n in names])
+        for yi, v in zip(y, vals):
+            ax.text(v, yi, f" {v:.3f}", va="center", fontsize=7)
+        ax.set_yticks(y)
+        ax.set_yticklabels([LABELS.get(n, n) for n in names] if part == parts[0] else [], fontsize=8)
+        ax.set_xlim(0, max(vals) * 1.18)
+        ax.set_title("seen groups" if part == "seen" else "held-out groups (zero-shot)", fontsize=9)
+        ax.set_xlabel("mean JS distance to the targets (lower is better)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "js_by_row.png", dpi=110)
     plt.close(fig)
