@@ -286,6 +286,7 @@ def test_split_group_fraction_and_unseen_question_skip(tmp_path):
     d = load_opinions(out)
     assert m["skipped"]["heldout_group_on_unseen_question"] == 3
     assert sorted(c.group_id for c in d.cells("test")) == ["country=Argentina"] * 3
+    assert m["split"]["holdout_groups"]["without_cells"] == ["country=S. Korea", "country=South Korea"]
     assert m["counts"]["cells"]["test"] + m["counts"]["cells"]["train"] + 3 == 14
     m2, out2 = _prep(tmp_path, "frac", split="group", test_fraction=0.3, valid_fraction=0.2, seed=4)
     d2 = load_opinions(out2)

@@ -417,7 +417,10 @@ def assign_splits(
                 c.heldout_group = True
             kept.append(c)
         cells[:] = kept
-        info["holdout_groups"] = {"names": names, "test": sorted(test_groups), "valid": sorted(valid_groups)}
+        with_cells = {c.group_id for c in cells if c.heldout_group}
+        info["holdout_groups"] = {"names": names, "test": sorted(test_groups), "valid": sorted(valid_groups),
+                                  # held-out groups all of whose cells were on questions no training group answers
+                                  "without_cells": sorted((test_groups | valid_groups) - with_cells)}
 
     else:  # cell
         n = len(cells)
