@@ -27,6 +27,7 @@ import torch
 
 from ..data.prompts import letter_token_ids, render_prompt
 from .collator import ProfileCollator
+from .sft import ProfileSFTTrainer
 
 __all__ = [
     "CELL_WEIGHTINGS",
@@ -171,13 +172,7 @@ def answer_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return out.logits[torch.arange(out.logits.shape[0], device=out.logits.device), last.to(out.logits.device)]
 
 
-def _sft_trainer_class():
-    from .sft import ProfileSFTTrainer
-
-    return ProfileSFTTrainer
-
-
-class DistributionSFTTrainer(_sft_trainer_class()):
+class DistributionSFTTrainer(ProfileSFTTrainer):
     """:class:`~cuma.train.sft.ProfileSFTTrainer` whose task loss is :func:`distribution_loss` (balance loss, router
     learning rate, LoRA+ and ``split_by_length`` as there). Logs the plain cross-entropy term's batch value too."""
 
