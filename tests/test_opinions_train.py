@@ -138,6 +138,12 @@ def test_trainer_loss_matches_the_hand_computed_loss(tiny_model_dir, tiny_opinio
     trainer.loss_is_scaled_for_ga = None
     trainer.model_accepts_loss_kwargs, trainer.compute_loss_func, trainer.model = False, None, built.model
     got = trainer.task_loss(built.model, batch)
+    # when the Trainer takes the loss as normalised for gradient accumulation, task_loss divides by the steps itself
+    trainer.model_accepts_loss_kwargs, trainer.current_gradient_accumulation_steps = True, 2
+    built.model.train()
+    halved = trainer.task_loss(built.model, batch, num_items_in_batch=7)
+    assert halved.item() == pytest.approx(got.item() / 2, rel=1e-5)
+    built.model.eval()
     expected = 0.0
     for r, e in zip(records, ex):
         logits = built.model(input_ids=torch.tensor([e["input_ids"]])).logits[0, -1]
