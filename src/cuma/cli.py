@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("cuma.evaluate.cli", "evaluate a model or adapter (wvb)"),
     "train": ("cuma.train.cli", "train a method (sft) from a YAML config with --key value overrides"),
     "analyze": ("cuma.analyze", "routing topology and mean-collapse analyses"),
+    "bench": ("cuma.bench", "benchmark methods on one data set (opinions: LoRA vs CuMA with the reference rows)"),
     "serve": ("cuma.serve.cli", "OpenAI-compatible server for profile-conditioned models, with a playground"),
 }
 

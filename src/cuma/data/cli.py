@@ -9,6 +9,7 @@
                     [--test-fraction 0.1] [--split-by conversation|user] [--supervise all|last] [--max-turns N]
                     [--encoder NAME_OR_PATH | --no-embeddings] [--overwrite]
     cuma data ca    --input FILE_OR_DIR --out DIR [same options]      (Community Alignment; also 4-way choice items)
+    cuma data opinions --source SOURCE --input PATH --out DIR --split {question,group,cell} [...]  (docs/opinions.md)
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--prepare", metavar="DIR", default=None,
                    help="also write a prepared-data directory from the generated files (as `cuma data wvb` would)")
     _add_prepare_options(s, required=False)
+    s.add_argument("--export-opinions", metavar="DIR", default=None,
+                   help="also export the population's true group distributions as GlobalOpinionQA CSV, distributional "
+                   "JSON and an OpinionQA wave folder (docs/opinions.md), for `cuma data opinions`")
 
     pr = sub.add_parser("prism", help="prepare PRISM (survey + conversations) as SFT / preference-pair records",
                         description="Follow each PRISM conversation along its chosen replies and write SFT "
@@ -142,6 +146,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "manifest (docs/preference.md; column names in cuma.data.community_alignment.CA_COLUMNS).")
     ca.add_argument("--input", required=True, metavar="FILE_OR_DIR", help="CSV, parquet, JSONL or a saved HF dataset")
     _add_preference_options(ca)
+
+    from .opinions_cli import add_opinions_parser  # cuma data opinions: group-level answer distributions
+
+    add_opinions_parser(sub)
 
 
 def _add_preference_options(p: argparse.ArgumentParser) -> None:
@@ -233,6 +241,10 @@ def run(args: argparse.Namespace) -> int:
         if manifest.get("oracle_test"):
             print(f"oracle on the written test records: {json.dumps(manifest['oracle_test'])}")
         return 0
+    if args.data_command == "opinions":
+        from .opinions_cli import run_opinions
+
+        return run_opinions(args, command)
     if args.data_command in ("prism", "ca"):
         return _run_preference(args, encoder, command)
     if args.data_command == "synth":
@@ -261,5 +273,11 @@ def run(args: argparse.Namespace) -> int:
         if args.prepare:
             prep = _prepare(args, args.out, args.prepare, encoder, command)
             print(f"wrote {args.prepare}: records {prep['counts']['records']}, {prep['counts']['profiles']} profiles")
+        if args.export_opinions:
+            from .synthetic import export_opinions
+
+            exp = export_opinions(args.out, args.export_opinions, seed=args.seed, overwrite=args.overwrite)
+            print(f"wrote {args.export_opinions}: {exp['counts']['questions']} questions, {exp['counts']['countries']} "
+                  "countries as globalopinionqa.csv, opinions.json, opinionqa/ and truth_groups.json")
         return 0
     raise ValueError(f"unknown data command {args.data_command!r}; expected 'wvb', 'synth', 'prism' or 'ca'")

@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(_eval_run=run_wvb)
     _add_winrate_parser(sub)
     _add_choice_parser(sub)
+    from .opinions_cli import add_parser as _add_opinions_parser  # cuma eval opinions (group-level distributions)
+    _add_opinions_parser(sub)
 
 
 def _add_winrate_parser(sub) -> None:

@@ -81,6 +81,11 @@ class TrainSection:
     # > 1: each batch runs as this many micro-batches of similar length (rows sorted by length, each padded only to
     # its own longest row) before the optimizer step: the same rows and task-loss gradient per step, less padding
     split_by_length: int = 1
+    # sft: one example per respondent, token loss on the answer; distribution: one example per opinion cell
+    # (`cuma data opinions`), cross-entropy of the option-letter softmax against the cell's target (train/distribution.py)
+    objective: str = "sft"
+    cell_weighting: str = "none"  # distribution only: none (every cell once) | weight (by the cell's weight)
+    cdf_loss_weight: float = 0.0  # distribution only: weight of the normalised-W1 (CDF) term on ordinal questions
 
 
 @dataclass

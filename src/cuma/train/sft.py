@@ -118,9 +118,7 @@ class ProfileSFTTrainer(CheckpointMixin, SFTTrainer):
         compact = labelled_positions_only(self.args.device) if not return_outputs else nullcontext()
         with record_gates(model, to_cpu=False) if mode == "train" else nullcontext() as rec, compact:
             # return_outputs only when asked: TRL's fused LM head then needs a second forward for the logits
-            result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
+            result = self.task_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
         balance = pop_balance_loss(model)
         if balance is not None:
@@ -134,6 +132,10 @@ class ProfileSFTTrainer(CheckpointMixin, SFTTrainer):
             if entropy is not None:
                 self._metrics[mode]["expert_load_entropy"].append(entropy)
         return (loss, outputs) if return_outputs else loss
+
+    def task_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The loss before the balance term: TRL's token loss here (cuma.train.distribution replaces it)."""
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def create_optimizer(self, model=None):
         """The Trainer's own optimizer (``optim``, betas, epsilon, its decay / no-decay split), with the routers and
@@ -275,7 +277,12 @@ def run_sft(cfg: SFTRunConfig, callbacks: Optional[list] = None) -> dict[str, An
     from .preference import (fit_profile_centers, is_preference_folder, load_preference_data, record_format,
                              tokenize_conversation)
 
-    if cfg.data.format == "conversations" or (cfg.data.format == "auto" and is_preference_folder(cfg.data.path)):
+    from . import distribution
+
+    distribution.check_objective(cfg.train)
+    if cfg.train.objective == "distribution":  # one example per opinion cell (cuma data opinions)
+        data = distribution.load_cells(cfg.data.path)
+    elif cfg.data.format == "conversations" or (cfg.data.format == "auto" and is_preference_folder(cfg.data.path)):
         data = load_preference_data(cfg.data.path, kind="sft")
     else:
         data = load_prepared(cfg.data.path)
@@ -305,7 +312,10 @@ def run_sft(cfg: SFTRunConfig, callbacks: Optional[list] = None) -> dict[str, An
     # ZeRO-3: adapter layers become leaf modules and take the base dtype (a no-op for every other launch)
     prepare_for_zero3(built.model, cfg.train.deepspeed)
 
-    tokenize_one = tokenize_conversation if record_format(records, cfg.data.format) == "conversations" else tokenize_example
+    if cfg.train.objective == "distribution":
+        tokenize_one = distribution.cell_tokenizer(tokenizer)
+    else:
+        tokenize_one = tokenize_conversation if record_format(records, cfg.data.format) == "conversations" else tokenize_example
 
     def tokenize(rows):
         return [tokenize_one(r, tokenizer, built.profile_in_prompt, cfg.data.max_length) for r in rows]
@@ -331,9 +341,12 @@ def run_sft(cfg: SFTRunConfig, callbacks: Optional[list] = None) -> dict[str, An
     collator = ProfileCollator(
         pad_token_id=tokenizer.pad_token_id, profile_table=table, encoder=encoder, uses_profile=built.uses_profile
     )
+    trainer_class, objective_kwargs = ProfileSFTTrainer, {}
+    if cfg.train.objective == "distribution":
+        collator, trainer_class, objective_kwargs = distribution.objective_parts(cfg.train, collator)
 
     callbacks = [cb for cb in [methods.trainer_callback(built), *(callbacks or [])] if cb is not None]
-    trainer = ProfileSFTTrainer(
+    trainer = trainer_class(
         model=built.model,
         args=_sft_args(cfg, built, eval_ds is not None),
         train_dataset=train_ds,
@@ -344,6 +357,7 @@ def run_sft(cfg: SFTRunConfig, callbacks: Optional[list] = None) -> dict[str, An
         router_learning_rate=cfg.train.router_learning_rate,
         loraplus_lr_ratio=cfg.train.loraplus_lr_ratio,
         split_by_length=cfg.train.split_by_length,
+        **objective_kwargs,
     )
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=None if resume.checkpoint is None else str(resume.checkpoint))
