@@ -241,7 +241,8 @@ def test_dpo_cli_prints_config(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("option, value", [("router_learning_rate", 1e-3), ("loraplus_lr_ratio", 16.0),
-                                           ("split_by_length", 2)])
+                                           ("split_by_length", 2), ("objective", "distribution"),
+                                           ("cell_weighting", "weight"), ("cdf_loss_weight", 0.5)])
 def test_preference_stages_refuse_the_sft_only_options(option, value):
     """The SFT trainer's optimizer groups and length-split batches do not exist in DPO / GRPO: refused, not dropped."""
     from trl import DPOConfig

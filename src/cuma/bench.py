@@ -19,11 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["BenchConfig", "CUMA_FAST", "add_arguments", "run", "run_bench_opinions"]
+from .tuners.cuma.config import FAST_ROUTER_LR_RATIO
 
-# CuMA's fast router conditioning as the demo uses it (balanced router inputs, profile-led initial routing, profile
-# input centred on the training groups) -- replaced by the conditioning preset at merge
-CUMA_FAST = {"router_input_norm": "balanced", "router_token_init_scale": 0.1, "router_profile_center": "train"}
+__all__ = ["BenchConfig", "add_arguments", "run", "run_bench_opinions"]
 
 LABELS = {"persona": "untrained + persona prompt", "lora": "LoRA", "cuma-semantic": "semantic-only CuMA",
           "cuma": "CuMA", "uniform": "uniform", "population_average": "population average (training groups)",
@@ -44,7 +42,7 @@ class BenchConfig:
     batch_size: int = 8
     learning_rate: float = 2e-3
     method_learning_rates: dict = field(default_factory=lambda: {"lora": 1e-3})  # the demo's per-method choice
-    router_lr_multiplier: float = 3.0  # the routers of routed methods learn at this multiple of their method's lr
+    router_lr_multiplier: float = FAST_ROUTER_LR_RATIO  # the routers of routed methods learn at this multiple of their lr
     lr_scheduler: str = "linear"
     cell_weighting: str = "none"
     cdf_loss_weight: float = 0.0
@@ -120,36 +118,20 @@ def _run_opinions_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def method_options(method: str) -> dict:
-    """The demo's method options (r=8; CuMA: 8 experts, top-2, router hidden 256, fast conditioning); options a method
-    does not have do not apply to it."""
-    from . import methods
-
-    if method == "lora":
-        return {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
-    options = {"r": 8, "lora_alpha": 16, "num_experts": 8, "top_k": 2, "router_hidden": 256, **CUMA_FAST}
-    accepted = methods.get_spec(method).options
-    return {k: v for k, v in options.items() if k in accepted}
-
-
-def _has_routers(method: str) -> bool:
-    from . import methods
-
-    return methods.get_spec(method).family in ("cuma", "mixture")
-
-
 def train_config(cfg: BenchConfig, method: str, out: Path):
-    """The ``SFTRunConfig`` of one method's run (the same budget for every method)."""
+    """The ``SFTRunConfig`` of one method's run (the same budget for every method; the demo's per-method options,
+    CuMA with the fast router preset)."""
+    from .demo.config import has_routers, method_options
     from .train.config import DataSection, MethodSection, ModelSection, SFTRunConfig, TrainSection
 
     lr = cfg.method_learning_rates.get(method, cfg.learning_rate)
     return SFTRunConfig(
         model=ModelSection(name_or_path=cfg.model),
-        method=MethodSection(name=method, options=method_options(method)),
+        method=MethodSection(name=method, options=method_options(method, "fast")),
         data=DataSection(path=str(cfg.data), max_length=cfg.max_length),
         train=TrainSection(output_dir=str(out), seed=cfg.seed, learning_rate=lr, max_steps=cfg.steps,
                            per_device_train_batch_size=cfg.batch_size, lr_scheduler_type=cfg.lr_scheduler,
-                           router_learning_rate=lr * cfg.router_lr_multiplier if _has_routers(method) else None,
+                           router_learning_rate=lr * cfg.router_lr_multiplier if has_routers(method) else None,
                            logging_steps=max(1, cfg.steps // 10), save_strategy="no", report_to=["none"],
                            disable_tqdm=True, objective="distribution", cell_weighting=cfg.cell_weighting,
                            cdf_loss_weight=cfg.cdf_loss_weight),

@@ -292,7 +292,8 @@ def train_args_common(t, built, cls, **extra) -> Any:
     options (optimizer groups, length-split batches) are refused here rather than dropped."""
     import dataclasses
 
-    sft_only = {"router_learning_rate": None, "loraplus_lr_ratio": None, "split_by_length": 1}
+    sft_only = {"router_learning_rate": None, "loraplus_lr_ratio": None, "split_by_length": 1, "objective": "sft",
+                "cell_weighting": "none", "cdf_loss_weight": 0.0}
     set_here = [f"train.{k}={getattr(t, k)!r}" for k, off in sft_only.items() if getattr(t, k, off) != off]
     if set_here:
         raise ValueError(f"{', '.join(set_here)}: these options apply to SFT (cuma train sft) only; the "
