@@ -42,6 +42,7 @@ __all__ = [
     "ProfileEncoder",
     "default_encoder_path",
     "masked_mean_pool",
+    "resolve_encoder",
 ]
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
@@ -434,3 +435,18 @@ class ProfileEncoder:
         unique = list(position)
         embeddings = self.encode(unique, batch_size=batch_size)
         return unique, embeddings, torch.tensor(index, dtype=torch.long)
+
+
+def resolve_encoder(encoder: Any, device: Optional[str] = "auto") -> Optional[ProfileEncoder]:
+    """The profile encoder a data command asked for: None (no embeddings), an encoder object (used as is), "default"
+    (the embedded all-MiniLM-L6-v2) or a model name / local folder. ``device`` "auto": CUDA when available."""
+    if encoder is None:
+        return None
+    if hasattr(encoder, "encode") and hasattr(encoder, "dim"):
+        return encoder
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = str(encoder)
+    if name.lower() in ("default", "minilm", "all-minilm-l6-v2"):
+        return ProfileEncoder.default(device=device)
+    return ProfileEncoder(name, device=device)

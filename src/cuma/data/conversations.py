@@ -429,9 +429,9 @@ def prepare_preference(
             if other != split:
                 raise AssertionError(f"conversation {rec['conversation_id']} in both {other} and {split}")
 
-    from .splits import _resolve_encoder
+    from ..encoder import resolve_encoder
 
-    enc = _resolve_encoder(encoder, encoder_device)
+    enc = resolve_encoder(encoder, encoder_device)
     embeds = None
     if enc is not None and profiles:
         import torch

@@ -461,23 +461,6 @@ def assign_splits(
 # ---------------------------------------------------------------------------------------------------------- writing
 
 
-def _resolve_encoder(encoder: Any, device: Optional[str]):
-    if encoder is None:
-        return None
-    if hasattr(encoder, "encode") and hasattr(encoder, "dim"):
-        return encoder
-    import torch
-
-    from ..encoder import ProfileEncoder
-
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = str(encoder)
-    if name.lower() in ("default", "minilm", "all-minilm-l6-v2"):
-        return ProfileEncoder.default(device=device)
-    return ProfileEncoder(name, device=device)
-
-
 def _groups_table(cells: Iterable[OpinionCell]) -> list[dict[str, Any]]:
     table: dict[str, dict[str, Any]] = {}
     for c in cells:
@@ -499,7 +482,9 @@ def write_opinions(
     """Write the prepared opinions folder for cells whose splits are assigned (atomically); returns the manifest."""
     cells = result.cells
     groups = _groups_table(cells)
-    enc = _resolve_encoder(encoder, encoder_device)
+    from ..encoder import resolve_encoder
+
+    enc = resolve_encoder(encoder, encoder_device)
     embeds = None
     if enc is not None and groups:
         import torch

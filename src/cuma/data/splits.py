@@ -266,23 +266,6 @@ def build_records(data: WVBData, selection: PairSelection) -> tuple[dict[str, li
     return records, profiles
 
 
-def _resolve_encoder(encoder: Any, device: Optional[str] = "auto"):
-    if encoder is None:
-        return None
-    if hasattr(encoder, "encode") and hasattr(encoder, "dim"):
-        return encoder
-    import torch
-
-    from ..encoder import ProfileEncoder
-
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = str(encoder)
-    if name.lower() in ("default", "minilm", "all-minilm-l6-v2"):
-        return ProfileEncoder.default(device=device)
-    return ProfileEncoder(name, device=device)
-
-
 def _truth_file(data: WVBData) -> Optional[Path]:
     candidate = data.paths.data_dir.parent / "truth.json"
     return candidate if candidate.is_file() else None
@@ -327,7 +310,9 @@ def prepare_wvb(
         data, train_pairs=train_pairs, test_pairs=test_pairs, valid_pairs=valid_pairs, seed=seed, holdout=spec
     )
     records, profiles = build_records(data, selection)
-    enc = _resolve_encoder(encoder, encoder_device)
+    from ..encoder import resolve_encoder
+
+    enc = resolve_encoder(encoder, encoder_device)
     encoder_name = None if enc is None else (encoder if isinstance(encoder, str) else getattr(enc, "source", None))
     embeds = None
     if enc is not None and profiles:
