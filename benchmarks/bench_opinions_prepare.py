@@ -49,7 +49,7 @@ def write_goqa(path: Path, cells: int, questions: int, countries: int = 130, see
 
 
 def measure(path: Path, out: Path) -> dict:
-    from cuma.data.opinions import prepare_opinions
+    from cuma.data.opinion_readers import prepare_opinions
 
     def run():
         return prepare_opinions("globalopinionqa", path, out, split="cell", encoder=None, test_fraction=0.2,

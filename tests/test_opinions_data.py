@@ -12,6 +12,7 @@ import pytest
 
 from cuma.data.opinion_readers import (
     parse_selections,
+    prepare_opinions,
     question_id_for,
     read_globalopinionqa,
     read_opinionqa,
@@ -24,7 +25,6 @@ from cuma.data.opinions import (
     OpinionsError,
     cell_to_record,
     load_opinions,
-    prepare_opinions,
     render_cell_messages,
 )
 from cuma.data.records import validate_record
@@ -154,11 +154,12 @@ def test_opinionqa_fixture_weighted_distributions():
 
 @pytest.fixture(scope="module")
 def synth_export(tmp_path_factory):
-    from cuma.data.synthetic import SynthConfig, export_opinions, write_synthetic
+    from cuma.data.opinions_export import export_synthetic_opinions
+    from cuma.data.synthetic import SynthConfig, write_synthetic
 
     root = tmp_path_factory.mktemp("opsynth")
     write_synthetic(root / "pop", SynthConfig(participants=1200, questions=8, countries=4, seed=3))
-    manifest = export_opinions(root / "pop", root / "export", seed=5)
+    manifest = export_synthetic_opinions(root / "pop", root / "export", seed=5)
     truth = json.loads((root / "export" / "truth_groups.json").read_text())
     return root, manifest, truth
 

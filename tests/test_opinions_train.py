@@ -124,7 +124,8 @@ def test_trainer_loss_matches_the_hand_computed_loss(tiny_model_dir, tiny_opinio
     """The task loss the trainer computes on a batch equals the cross-entropy computed from the model's logits."""
     from cuma import methods
     from cuma.models import load_base_and_tokenizer
-    from cuma.train.distribution import DistributionSFTTrainer, cell_tokenizer, load_cells
+    from cuma.train.distribution import cell_tokenizer, load_cells
+    from cuma.train.sft import DistributionSFTTrainer
 
     base, tok = load_base_and_tokenizer(str(tiny_model_dir))
     built = methods.build("lora", base, **TINY["lora"])

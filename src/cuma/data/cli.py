@@ -274,9 +274,9 @@ def run(args: argparse.Namespace) -> int:
             prep = _prepare(args, args.out, args.prepare, encoder, command)
             print(f"wrote {args.prepare}: records {prep['counts']['records']}, {prep['counts']['profiles']} profiles")
         if args.export_opinions:
-            from .synthetic import export_opinions
+            from .opinions_export import export_synthetic_opinions
 
-            exp = export_opinions(args.out, args.export_opinions, seed=args.seed, overwrite=args.overwrite)
+            exp = export_synthetic_opinions(args.out, args.export_opinions, seed=args.seed, overwrite=args.overwrite)
             print(f"wrote {args.export_opinions}: {exp['counts']['questions']} questions, {exp['counts']['countries']} "
                   "countries as globalopinionqa.csv, opinions.json, opinionqa/ and truth_groups.json")
         return 0

@@ -45,13 +45,24 @@ import numpy as np
 
 from ..profiles import PROFILE_FIELDS, Profile, normalize_value
 from ..runinfo import read_text
-from .opinions import SOURCES, OpinionCell, OpinionsError, ReadResult, check_distribution, group_id_of
+from .opinions import (
+    SOURCES,
+    OpinionCell,
+    OpinionsError,
+    ReadResult,
+    assign_splits,
+    check_distribution,
+    group_id_of,
+    read_holdout_names,
+    write_opinions,
+)
 
 __all__ = [
     "BUILTIN_VARIANTS",
     "OPINIONQA_ATTRIBUTES",
     "OPINIONQA_REFUSED",
     "parse_selections",
+    "prepare_opinions",
     "question_id_for",
     "read_globalopinionqa",
     "read_merge_map",
@@ -653,3 +664,41 @@ def read_source(source: str, path: PathLike, *, group_fields: Optional[Sequence[
     if not Path(path).expanduser().exists():
         raise FileNotFoundError(f"--input {str(path)!r} does not exist")
     return _READERS[source](path, group_fields=group_fields, merge_groups=merge_groups, min_group_size=min_group_size)
+
+
+def prepare_opinions(
+    source: str,
+    input_path: PathLike,
+    out: PathLike,
+    *,
+    split: str = "cell",
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    valid_fraction: float = 0.1,
+    holdout_groups: Union[None, str, Sequence[str]] = None,
+    group_fields: Optional[Sequence[str]] = None,
+    min_group_size: int = 1,
+    merge_groups: Optional[str] = None,
+    encoder: Any = "default",
+    encoder_device: Optional[str] = "auto",
+    overwrite: bool = False,
+    command: Optional[Sequence[str]] = None,
+) -> dict[str, Any]:
+    """Read ``input_path`` in the layout of ``source``, split its cells and write the prepared opinions folder ``out``
+    (``cuma data opinions``). Returns the manifest."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise OpinionsError(f"--seed must be a non-negative integer, got {seed!r}")
+    names = read_holdout_names(holdout_groups)
+    result = read_source(source, input_path, group_fields=group_fields, min_group_size=min_group_size,
+                         merge_groups=merge_groups)
+    if not result.cells:
+        raise OpinionsError(f"{input_path}: no usable cell was read (skipped: {dict(result.skipped)})")
+    info = assign_splits(result.cells, split, seed=seed, test_fraction=test_fraction, valid_fraction=valid_fraction,
+                         holdout_groups=names, skipped=result.skipped)
+    options = {"source": source, "input": str(Path(input_path).resolve()), "split": split, "seed": seed,
+               "test_fraction": test_fraction, "valid_fraction": valid_fraction, "holdout_groups": names,
+               "group_fields": list(group_fields) if group_fields else None, "min_group_size": min_group_size,
+               "merge_groups": merge_groups,
+               "encoder": None if encoder is None else (encoder if isinstance(encoder, str) else "object")}
+    return write_opinions(out, result, info, encoder=encoder, encoder_device=encoder_device, overwrite=overwrite,
+                          options=options, command=command)

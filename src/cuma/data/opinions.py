@@ -5,7 +5,7 @@ The field's distributional benchmarks (GlobalOpinionQA, OpinionQA, a grouped per
 fields, e.g. only the country), the question with its option labels, the normalised target distribution, an ordinal
 flag with option order values where the source has them, and a weight.
 
-A prepared opinions folder (``cuma data opinions``, :func:`prepare_opinions`)::
+A prepared opinions folder (``cuma data opinions``, :func:`cuma.data.opinion_readers.prepare_opinions`)::
 
     DIR/manifest.json                 kind "opinions", source, split mode, seed, counts.cells per split, skipped by
                                       cause, input hashes, groups, held-out groups, versions
@@ -68,7 +68,6 @@ __all__ = [
     "group_id_of",
     "load_opinions",
     "match_groups",
-    "prepare_opinions",
     "read_holdout_names",
     "render_cell_messages",
     "write_opinions",
@@ -537,46 +536,6 @@ def write_opinions(
         manifest["outputs"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         atomic_write_json(tmp / "manifest.json", manifest)
     return manifest
-
-
-def prepare_opinions(
-    source: str,
-    input_path: PathLike,
-    out: PathLike,
-    *,
-    split: str = "cell",
-    seed: int = 0,
-    test_fraction: float = 0.2,
-    valid_fraction: float = 0.1,
-    holdout_groups: Union[None, str, Sequence[str]] = None,
-    group_fields: Optional[Sequence[str]] = None,
-    min_group_size: int = 1,
-    merge_groups: Optional[str] = None,
-    encoder: Any = "default",
-    encoder_device: Optional[str] = "auto",
-    overwrite: bool = False,
-    command: Optional[Sequence[str]] = None,
-) -> dict[str, Any]:
-    """Read ``input_path`` in the layout of ``source``, split its cells and write the prepared opinions folder ``out``
-    (``cuma data opinions``). Returns the manifest."""
-    from .opinion_readers import read_source
-
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise OpinionsError(f"--seed must be a non-negative integer, got {seed!r}")
-    names = read_holdout_names(holdout_groups)
-    result = read_source(source, input_path, group_fields=group_fields, min_group_size=min_group_size,
-                         merge_groups=merge_groups)
-    if not result.cells:
-        raise OpinionsError(f"{input_path}: no usable cell was read (skipped: {dict(result.skipped)})")
-    info = assign_splits(result.cells, split, seed=seed, test_fraction=test_fraction, valid_fraction=valid_fraction,
-                         holdout_groups=names, skipped=result.skipped)
-    options = {"source": source, "input": str(Path(input_path).resolve()), "split": split, "seed": seed,
-               "test_fraction": test_fraction, "valid_fraction": valid_fraction, "holdout_groups": names,
-               "group_fields": list(group_fields) if group_fields else None, "min_group_size": min_group_size,
-               "merge_groups": merge_groups,
-               "encoder": None if encoder is None else (encoder if isinstance(encoder, str) else "object")}
-    return write_opinions(out, result, info, encoder=encoder, encoder_device=encoder_device, overwrite=overwrite,
-                          options=options, command=command)
 
 
 # ---------------------------------------------------------------------------------------------------------- reading

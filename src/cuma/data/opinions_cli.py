@@ -87,7 +87,7 @@ def add_opinions_parser(sub) -> argparse.ArgumentParser:
 
 
 def run_opinions(args: argparse.Namespace, command: Optional[Sequence[str]] = None) -> int:
-    from .opinions import prepare_opinions
+    from .opinion_readers import prepare_opinions
 
     fields = [f.strip() for f in args.group_fields.split(",") if f.strip()] if args.group_fields else None
     manifest = prepare_opinions(

@@ -919,12 +919,3 @@ def load_truth(path: PathLike) -> dict[str, Any]:
         found = value.get("format") if isinstance(value, dict) else None
         raise ValueError(f"{p}: expected a {TRUTH_FORMAT!r} file, got format {found!r}")
     return value
-
-
-def export_opinions(synth_dir: PathLike, out: PathLike, *, seed: int = 0, refusal_rate: float = 0.03,
-                    overwrite: bool = False) -> dict[str, Any]:
-    """Export the population written in ``synth_dir`` as opinion distributions with known truth (GlobalOpinionQA
-    CSV, distributional JSON, an OpinionQA wave folder, truth_groups.json): see :mod:`cuma.data.opinions_export`."""
-    from .opinions_export import export_synthetic_opinions
-
-    return export_synthetic_opinions(synth_dir, out, seed=seed, refusal_rate=refusal_rate, overwrite=overwrite)

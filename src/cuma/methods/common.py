@@ -61,15 +61,6 @@ def _disable_gradient_checkpointing(model: nn.Module) -> None:
             m.gradient_checkpointing = False
 
 
-def _peft_from_config(spec, o: dict, base: nn.Module) -> nn.Module:
-    """Build a PEFT model with ``spec.config_cls`` from the resolved options ``o`` (one of this project's tuners)."""
-    from peft import get_peft_model
-
-    from .registry import config_from_options
-
-    return get_peft_model(base, config_from_options(spec, o))
-
-
 def _count(model: nn.Module) -> tuple[int, int]:
     seen: set[int] = set()
     trainable = total = 0

@@ -6,14 +6,13 @@ from __future__ import annotations
 from torch import nn
 
 from ..tuners.mixlora import MixLoRAConfig
-from .common import _peft_from_config
 from .options import PROFILE_IN_PROMPT as _PIP
 from .options import options_from_config
-from .registry import MethodSpec, get_spec, register
+from .registry import MethodSpec, get_spec, peft_from_config, register
 
 
 def _build_mixlora(base: nn.Module, o: dict) -> nn.Module:
-    return _peft_from_config(get_spec("mixlora"), o, base)
+    return peft_from_config(get_spec("mixlora"), o, base)
 
 
 register(

@@ -214,6 +214,13 @@ def config_from_options(spec: MethodSpec, options: Mapping[str, Any]):
         raise ValueError(f"method {spec.name!r}: {err}") from None
 
 
+def peft_from_config(spec: MethodSpec, options: Mapping[str, Any], base: nn.Module) -> nn.Module:
+    """A PEFT model of ``spec.config_cls`` (one of this project's tuners) built on ``base`` from resolved options."""
+    from peft import get_peft_model
+
+    return get_peft_model(base, config_from_options(spec, options))
+
+
 def _uses_profile(spec: MethodSpec, options: dict) -> bool:
     return spec.profile_routing and int(options.get("profile_dim") or 0) > 0
 

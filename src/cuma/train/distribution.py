@@ -14,8 +14,8 @@ target's entropy, a constant). Optional terms:
 
 The weighted mean is taken over the whole optimizer batch: every row carries the batch's total weight
 (``cell_weight_total``), so micro-batches (``train.split_by_length``) add up to the batch's loss exactly. Routed
-methods keep their balance loss: :class:`DistributionSFTTrainer` replaces only the task loss of
-:class:`~cuma.train.sft.ProfileSFTTrainer`.
+methods keep their balance loss: :class:`cuma.train.sft.DistributionSFTTrainer` replaces only the task loss of
+:class:`~cuma.train.sft.ProfileSFTTrainer` with :func:`distribution_loss`.
 """
 
 from __future__ import annotations
@@ -27,13 +27,11 @@ import torch
 
 from ..data.prompts import letter_token_ids, render_prompt
 from .collator import ProfileCollator
-from .sft import ProfileSFTTrainer
 
 __all__ = [
     "CELL_WEIGHTINGS",
     "OBJECTIVES",
     "DistributionCollator",
-    "DistributionSFTTrainer",
     "answer_logits",
     "check_objective",
     "distribution_loss",
@@ -172,46 +170,6 @@ def answer_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return out.logits[torch.arange(out.logits.shape[0], device=out.logits.device), last.to(out.logits.device)]
 
 
-class DistributionSFTTrainer(ProfileSFTTrainer):
-    """:class:`~cuma.train.sft.ProfileSFTTrainer` whose task loss is :func:`distribution_loss` (balance loss, router
-    learning rate, LoRA+ and ``split_by_length`` as there). Logs the plain cross-entropy term's batch value too."""
-
-    def __init__(self, *args, cdf_loss_weight: float = 0.0, **kwargs):
-        self.cdf_loss_weight = float(cdf_loss_weight)
-        super().__init__(*args, **kwargs)
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if num_items_in_batch is None and self.split_by_length > 1:
-            # there are no label tokens to count; the loss is normalised by cell_weight_total instead, which every
-            # micro-batch carries, so any count lets the split run (task_loss follows the Trainer's GA scaling)
-            num_items_in_batch = int(inputs["input_ids"].shape[0])
-        return super().training_step(model, inputs, num_items_in_batch)
-
-    def task_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = dict(inputs)
-        cell = {k: inputs.pop(k) for k in ("letter_ids", "letter_mask", "target", "cell_weight", "cell_weight_total",
-                                           "ordinal")}
-        inputs.pop("labels", None)
-        logits = answer_logits(model, inputs.pop("input_ids"), inputs.pop("attention_mask"), **inputs)
-        letter_logits = torch.gather(logits, 1, cell["letter_ids"].to(logits.device))
-        dev = letter_logits.device
-        loss = distribution_loss(letter_logits, cell["letter_mask"].to(dev), cell["target"].to(dev),
-                                 cell["cell_weight"].to(dev), cell["cell_weight_total"].to(dev),
-                                 cell["ordinal"].to(dev), self.cdf_loss_weight)
-        # the Trainer divides the loss by the accumulation steps itself unless it takes it as already normalised by
-        # the whole accumulated batch (a model that accepts loss kwargs and a num_items_in_batch): then do it here
-        scaled = self.loss_is_scaled_for_ga if getattr(self, "loss_is_scaled_for_ga", None) is not None else (
-            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
-        if scaled and self.model.training:
-            loss = loss / self.current_gradient_accumulation_steps
-        return (loss, {"logits": letter_logits}) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-
 # ------------------------------------------------------------------------------------------------- run_sft's parts
 
 
@@ -264,9 +222,9 @@ def cell_tokenizer(tokenizer):
 
 
 def objective_parts(train, collator: ProfileCollator):
-    """The collator, trainer class and trainer keywords of the distribution objective, from the token collator's
-    padding and profile settings."""
+    """The collator and trainer keywords of the distribution objective, from the token collator's padding and profile
+    settings (the trainer is :class:`cuma.train.sft.DistributionSFTTrainer`)."""
     cells = DistributionCollator(pad_token_id=collator.pad_token_id, profile_table=collator.profile_table,
                                  encoder=collator.encoder, uses_profile=collator.uses_profile,
                                  use_weights=train.cell_weighting == "weight")
-    return cells, DistributionSFTTrainer, {"cdf_loss_weight": train.cdf_loss_weight}
+    return cells, {"cdf_loss_weight": train.cdf_loss_weight}

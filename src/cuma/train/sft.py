@@ -25,6 +25,8 @@ from ..runinfo import check_output_dir, environment_record
 from .checkpoints import CheckpointMixin, resolve_resume, resumed_record
 from .collator import ProfileCollator, split_by_length, tokenize_example
 from .config import SFTRunConfig, attention_kwargs
+from . import distribution
+from .distribution import answer_logits, distribution_loss
 from .run_record import data_record, save_run
 
 
@@ -170,6 +172,46 @@ class ProfileSFTTrainer(CheckpointMixin, SFTTrainer):
             self.optimizer_cls_and_kwargs = saved
 
 
+class DistributionSFTTrainer(ProfileSFTTrainer):
+    """:class:`ProfileSFTTrainer` whose task loss is :func:`cuma.train.distribution.distribution_loss` (balance loss, router
+    learning rate, LoRA+ and ``split_by_length`` as there). Logs the plain cross-entropy term's batch value too."""
+
+    def __init__(self, *args, cdf_loss_weight: float = 0.0, **kwargs):
+        self.cdf_loss_weight = float(cdf_loss_weight)
+        super().__init__(*args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if num_items_in_batch is None and self.split_by_length > 1:
+            # there are no label tokens to count; the loss is normalised by cell_weight_total instead, which every
+            # micro-batch carries, so any count lets the split run (task_loss follows the Trainer's GA scaling)
+            num_items_in_batch = int(inputs["input_ids"].shape[0])
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def task_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        cell = {k: inputs.pop(k) for k in ("letter_ids", "letter_mask", "target", "cell_weight", "cell_weight_total",
+                                           "ordinal")}
+        inputs.pop("labels", None)
+        logits = answer_logits(model, inputs.pop("input_ids"), inputs.pop("attention_mask"), **inputs)
+        letter_logits = torch.gather(logits, 1, cell["letter_ids"].to(logits.device))
+        dev = letter_logits.device
+        loss = distribution_loss(letter_logits, cell["letter_mask"].to(dev), cell["target"].to(dev),
+                                 cell["cell_weight"].to(dev), cell["cell_weight_total"].to(dev),
+                                 cell["ordinal"].to(dev), self.cdf_loss_weight)
+        # the Trainer divides the loss by the accumulation steps itself unless it takes it as already normalised by
+        # the whole accumulated batch (a model that accepts loss kwargs and a num_items_in_batch): then do it here
+        scaled = self.loss_is_scaled_for_ga if getattr(self, "loss_is_scaled_for_ga", None) is not None else (
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+        if scaled and self.model.training:
+            loss = loss / self.current_gradient_accumulation_steps
+        return (loss, {"logits": letter_logits}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
 def is_router_parameter(name: str) -> bool:
     """Routers and the profile projection: the parameters ``router_learning_rate`` applies to."""
     return "router" in name or "profile_proj" in name
@@ -277,8 +319,6 @@ def run_sft(cfg: SFTRunConfig, callbacks: Optional[list] = None) -> dict[str, An
     from .preference import (fit_profile_centers, is_preference_folder, load_preference_data, record_format,
                              tokenize_conversation)
 
-    from . import distribution
-
     distribution.check_objective(cfg.train)
     if cfg.train.objective == "distribution":  # one example per opinion cell (cuma data opinions)
         data = distribution.load_cells(cfg.data.path)
@@ -343,7 +383,8 @@ def run_sft(cfg: SFTRunConfig, callbacks: Optional[list] = None) -> dict[str, An
     )
     trainer_class, objective_kwargs = ProfileSFTTrainer, {}
     if cfg.train.objective == "distribution":
-        collator, trainer_class, objective_kwargs = distribution.objective_parts(cfg.train, collator)
+        collator, objective_kwargs = distribution.objective_parts(cfg.train, collator)
+        trainer_class = DistributionSFTTrainer
 
     callbacks = [cb for cb in [methods.trainer_callback(built), *(callbacks or [])] if cb is not None]
     trainer = trainer_class(
