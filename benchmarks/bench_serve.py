@@ -28,23 +28,14 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-PROFILES = [
-    {"country": "Egypt", "age_group": "25-34 years old", "gender": "Female", "religion": "Muslim"},
-    {"country": "Sweden", "age_group": "55-64 years old", "gender": "Male", "religion": "None"},
-    {"country": "Japan", "age_group": "35-44 years old", "gender": "Female", "religion": "Buddhist"},
-    {"country": "Brazil", "age_group": "18-24 years old", "gender": "Male", "religion": "Roman Catholic"},
-    {"country": "United States", "age_group": "45-54 years old", "gender": "Female", "religion": "Protestant"},
-    {"country": "Nigeria", "age_group": "25-34 years old", "gender": "Male", "religion": "Muslim"},
-    {"country": "India", "age_group": "65+ years old", "gender": "Female", "religion": "Hindu"},
-    {"country": "Germany", "age_group": "18-24 years old", "gender": "Male", "religion": "None"},
-]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _serve_process import PROFILES, ServeProcess  # noqa: E402
+
 QUESTIONS = [
     "How important is family in your life?",
     "Should children be taught obedience at home?",
@@ -57,12 +48,6 @@ QUESTIONS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def build_adapter(out: Path) -> Path:
     import torch
 
@@ -73,43 +58,6 @@ def build_adapter(out: Path) -> Path:
     built = methods.build("cuma", base, profile_dim=384, init_weights=False)
     methods.save(built, out)
     return out
-
-
-class Server:
-    def __init__(self, adapter: Path, batch: int, threads: int | None, log: Path) -> None:
-        import httpx
-
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "cuma.cli", "serve", "--adapter", str(adapter), "--served-name", "bench",
-               "--port", str(self.port), "--max-batch-size", str(batch), "--max-queue", "512", "--log-level", "warning"]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-        deadline = time.monotonic() + 600
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.proc.returncode}); see {log}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"the server did not come up; see {log}")
-            time.sleep(0.5)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
 
 
 async def _level(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
@@ -165,9 +113,9 @@ def run_pair(adapter: Path, batch: int, levels: list[int], per_batched: int, per
              threads, logs: Path) -> tuple[list, list]:
     """Both servers up at once (an idle one costs no CPU); at each level the batched run, then the unbatched one,
     so that the two figures of a level see about the same load from other processes."""
-    batched_srv = Server(adapter, batch, threads, logs / "batched.log")
+    batched_srv = ServeProcess(adapter, logs / "batched.log", max_batch=batch, threads=threads, startup_timeout=600)
     try:
-        unbatched_srv = Server(adapter, 1, threads, logs / "unbatched.log")
+        unbatched_srv = ServeProcess(adapter, logs / "unbatched.log", max_batch=1, threads=threads, startup_timeout=600)
     except Exception:
         batched_srv.close()
         raise

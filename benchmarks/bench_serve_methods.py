@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,16 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-PROFILES = [
-    {"country": "Egypt", "age_group": "25-34 years old", "gender": "Female", "religion": "Muslim"},
-    {"country": "Sweden", "age_group": "55-64 years old", "gender": "Male", "religion": "None"},
-    {"country": "Japan", "age_group": "35-44 years old", "gender": "Female", "religion": "Buddhist"},
-    {"country": "Brazil", "age_group": "18-24 years old", "gender": "Male", "religion": "Roman Catholic"},
-    {"country": "United States", "age_group": "45-54 years old", "gender": "Female", "religion": "Protestant"},
-    {"country": "Nigeria", "age_group": "25-34 years old", "gender": "Male", "religion": "Muslim"},
-    {"country": "India", "age_group": "65+ years old", "gender": "Female", "religion": "Hindu"},
-    {"country": "Germany", "age_group": "18-24 years old", "gender": "Male", "religion": "None"},
-]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _serve_process import PROFILES, ServeProcess  # noqa: E402
+
 QUESTION = "How important is family in your life?"
 OPTIONS = ["Very important", "Rather important", "Not very important", "Not at all important"]
 FAST = {"router_input_norm": "balanced", "router_token_init_scale": 0.1, "router_profile_center": "train"}
@@ -74,53 +66,6 @@ def build_adapters(out: Path) -> dict[str, Path]:
         methods.save(built, out / name)
         paths[name] = out / name
     return paths
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, name: str, adapter: Path, src: Path | None, log: Path, device: str, threads: int | None):
-        import httpx
-
-        self.name = name
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "cuma.cli", "serve", "--adapter", str(adapter), "--served-name", "bench",
-               "--port", str(self.port), "--max-batch-size", "16", "--max-queue", "512", "--log-level", "warning"]
-        cmd += ["--device", device]  # explicit: the server's own default is cuda whenever one is present
-        if threads:
-            cmd += ["--threads", str(threads)]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        if src is not None:
-            env["PYTHONPATH"] = str(src) + os.pathsep + env.get("PYTHONPATH", "")
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 900
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server {name} exited ({self.proc.returncode}); see {log}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"server {name} did not come up; see {log}")
-            time.sleep(0.5)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
 
 
 def _chat_body(i: int, max_tokens: int) -> dict:
@@ -253,7 +198,8 @@ def main() -> int:
         servers = []
         try:
             for name, adapter, src in plan:
-                servers.append(Server(name, adapter, src, tmp / f"{name}.log", args.device, args.threads))
+                servers.append(ServeProcess(adapter, tmp / f"{name}.log", threads=args.threads, device=args.device, src=src,
+                                            name=f"server {name}"))
             for s in servers:  # warm-up: first calls allocate, the encoder caches the profiles
                 for kind in KINDS[:3]:
                     asyncio.run(measure(s.url, kind, 0, 4))
