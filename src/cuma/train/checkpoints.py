@@ -178,7 +178,6 @@ class CheckpointMixin:
             resume_from_checkpoint = None if resume.checkpoint is None else str(resume.checkpoint)
         ckpt = Path(resume_from_checkpoint) if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
         self._loss_sum_before = loss_sum_at(ckpt)
-        self._resumed_step = 0
         result = super().train(resume_from_checkpoint, *args, **kwargs)
         steps_now = self.state.global_step - getattr(self, "_initial_global_step", 0)
         self.whole_run_loss = None  # None: only the resumed part's loss is known (a checkpoint without our record)
