@@ -16,7 +16,6 @@ Trained methods (``cuma``, ``lora``, ``prefix``, ``fft``, ...) need ``--adapter`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any, Optional
 # the readers and checks of WVB-format records live with the evaluation API (cuma.evaluate.wvb); re-exported here
 from .wvb import (  # noqa: F401
     REQUIRED_FIELDS,
+    build_method,
     check_profile_index,
     check_profile_rows,
     check_record_values,
@@ -321,50 +321,9 @@ def _files_sha(folder: Optional[str], names: tuple[str, ...]) -> dict[str, str]:
 
 
 def _build_method(args, base):
-    """(BuiltMethod, method name) for the requested method: built fresh for the prompting baselines, reloaded from
-    ``--adapter`` for trained methods."""
-    from .. import methods
-
-    name = args.method
-    if name is None:
-        if not args.adapter:
-            raise ValueError("pass --method (or --adapter with a cuma_method.json); methods: "
-                             + ", ".join(methods.list_methods()))
-        if not os.path.isdir(args.adapter):
-            raise FileNotFoundError(f"--adapter {args.adapter}: folder does not exist")
-        try:  # cuma_method.json, else the adapter's own adapter_config.json
-            name = methods.infer_method(args.adapter)
-        except ValueError as err:
-            raise ValueError(f"{err} (--method)") from None
-    spec = methods.get_spec(name)
-    if args.fewshot_k is not None and spec.prompt_mode != "fewshot":
-        raise ValueError(f"--fewshot-k applies to --method fewshot only, not {name!r}")
-    pip = args.profile_in_prompt
-    if spec.prompting_only:
-        if args.adapter:
-            raise ValueError(f"method {name!r} is a prompting baseline and takes no --adapter")
-        options: dict[str, Any] = {}
-        if spec.prompt_mode == "vanilla" and pip:
-            raise ValueError("vanilla prompts without the profile; use --method persona to put it in the prompt")
-        if spec.prompt_mode == "persona" and pip is False:
-            raise ValueError("persona always puts the profile in the prompt; use --method vanilla for no profile")
-        if spec.prompt_mode == "fewshot":
-            options["seed"] = args.seed
-            if args.fewshot_k is not None:
-                options["k"] = args.fewshot_k
-            if pip is not None:
-                options["profile_in_prompt"] = pip
-        built = methods.build(name, base, **options)
-    else:
-        if not args.adapter:
-            raise ValueError(
-                f"method {name!r} is trained: pass --adapter DIR (the folder its training run saved); "
-                "the prompting baselines vanilla, persona and fewshot need none"
-            )
-        if not os.path.isdir(args.adapter):
-            raise FileNotFoundError(f"--adapter {args.adapter}: folder does not exist")
-        built = methods.load(name, base, args.adapter)
-    return built, name
+    """(BuiltMethod, method name) for ``cuma eval wvb``'s --method / --adapter (:func:`cuma.evaluate.wvb.build_method`)."""
+    return build_method(args.method, args.adapter, base, profile_in_prompt=args.profile_in_prompt,
+                        fewshot_k=args.fewshot_k, seed=args.seed)
 
 
 def run_wvb(args: argparse.Namespace) -> int:

@@ -65,34 +65,11 @@ def add_parser(sub) -> None:
 
 
 def build_method(name: Optional[str], adapter: Optional[str], base, profile_in_prompt: Optional[bool] = None):
-    """(BuiltMethod, name): a prompting baseline built fresh, or a trained method reloaded from ``adapter``."""
-    from .. import methods
+    """(BuiltMethod, name) to score opinion cells: :func:`cuma.evaluate.wvb.build_method` without the few-shot
+    baseline (a cell has a distribution, not answers to show)."""
+    from .wvb import build_method as build
 
-    if name is None:
-        if not adapter:
-            raise ValueError("pass --method (or --adapter with a cuma_method.json); methods: "
-                             + ", ".join(methods.list_methods()))
-        if not os.path.isdir(adapter):
-            raise FileNotFoundError(f"--adapter {adapter}: folder does not exist")
-        name = methods.infer_method(adapter)
-    spec = methods.get_spec(name)
-    if spec.prompting_only:
-        if adapter:
-            raise ValueError(f"method {name!r} is a prompting baseline and takes no --adapter")
-        if spec.prompt_mode == "fewshot":
-            raise ValueError("--method fewshot has no answers to show for opinion cells (one distribution per cell); "
-                             "use persona or vanilla")
-        if spec.prompt_mode == "vanilla" and profile_in_prompt:
-            raise ValueError("vanilla prompts without the profile; use --method persona to put it in the prompt")
-        if spec.prompt_mode == "persona" and profile_in_prompt is False:
-            raise ValueError("persona always puts the profile in the prompt; use --method vanilla for no profile")
-        return methods.build(name, base), name
-    if not adapter:
-        raise ValueError(f"method {name!r} is trained: pass --adapter DIR (the folder its training run saved); the "
-                         "prompting baselines vanilla and persona need none")
-    if not os.path.isdir(adapter):
-        raise FileNotFoundError(f"--adapter {adapter}: folder does not exist")
-    return methods.load(name, base, adapter), name
+    return build(name, adapter, base, profile_in_prompt=profile_in_prompt, fewshot=False)
 
 
 def evaluate_opinions(model, tokenizer, built, data, *, split: str = "test", limit: Optional[int] = None,

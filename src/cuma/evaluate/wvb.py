@@ -27,6 +27,7 @@ __all__ = [
     "REQUIRED_FIELDS",
     "WVBEvalConfig",
     "WVBEvalResult",
+    "build_method",
     "check_profile_index",
     "check_profile_rows",
     "check_record_values",
@@ -259,6 +260,53 @@ REQUIRED_FIELDS = (
 
 
 # --------------------------------------------------------------------------------------- reading and checking
+
+
+def build_method(name: Optional[str], adapter: Optional[str], base, *, profile_in_prompt: Optional[bool] = None,
+                 fewshot_k: Optional[int] = None, seed: int = 0, fewshot: bool = True):
+    """(BuiltMethod, method name) to evaluate: a prompting baseline built fresh on ``base``, or a trained method
+    reloaded from ``adapter`` (``name`` None: read from the adapter's cuma_method.json / adapter_config.json).
+    ``fewshot`` False: the data has no answers to show, so the few-shot baseline is refused."""
+    from .. import methods
+
+    if name is None:
+        if not adapter:
+            raise ValueError("pass --method (or --adapter with a cuma_method.json); methods: "
+                             + ", ".join(methods.list_methods()))
+        if not os.path.isdir(adapter):
+            raise FileNotFoundError(f"--adapter {adapter}: folder does not exist")
+        try:
+            name = methods.infer_method(adapter)
+        except ValueError as err:
+            raise ValueError(f"{err} (--method)") from None
+    spec = methods.get_spec(name)
+    if fewshot_k is not None and spec.prompt_mode != "fewshot":
+        raise ValueError(f"--fewshot-k applies to --method fewshot only, not {name!r}")
+    baselines = "vanilla, persona and fewshot" if fewshot else "vanilla and persona"
+    if not spec.prompting_only:
+        if not adapter:
+            raise ValueError(f"method {name!r} is trained: pass --adapter DIR (the folder its training run saved); "
+                             f"the prompting baselines {baselines} need none")
+        if not os.path.isdir(adapter):
+            raise FileNotFoundError(f"--adapter {adapter}: folder does not exist")
+        return methods.load(name, base, adapter), name
+    if adapter:
+        raise ValueError(f"method {name!r} is a prompting baseline and takes no --adapter")
+    if spec.prompt_mode == "vanilla" and profile_in_prompt:
+        raise ValueError("vanilla prompts without the profile; use --method persona to put it in the prompt")
+    if spec.prompt_mode == "persona" and profile_in_prompt is False:
+        raise ValueError("persona always puts the profile in the prompt; use --method vanilla for no profile")
+    options: dict[str, Any] = {}
+    if spec.prompt_mode == "fewshot":
+        if not fewshot:
+            raise ValueError("--method fewshot has no answers to show for opinion cells (one distribution per "
+                             "cell); use persona or vanilla")
+        options["seed"] = seed
+        if fewshot_k is not None:
+            options["k"] = fewshot_k
+        if profile_in_prompt is not None:
+            options["profile_in_prompt"] = profile_in_prompt
+    return methods.build(name, base, **options), name
 
 
 def read_records(path: str) -> list[dict]:
