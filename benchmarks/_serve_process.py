@@ -1,5 +1,5 @@
-"""What the serving benchmarks share: their eight user profiles and a `cuma serve` process on a free loopback port,
-started and waited for (GET /health) and stopped again."""
+"""What the serving benchmarks share: their eight user profiles, the LoRA and CuMA adapters they compare, and a
+`cuma serve` process on a free loopback port, started and waited for (GET /health) and stopped again."""
 
 from __future__ import annotations
 
@@ -21,6 +21,27 @@ PROFILES = [
     {"country": "India", "age_group": "65+ years old", "gender": "Female", "religion": "Hindu"},
     {"country": "Germany", "age_group": "18-24 years old", "gender": "Male", "religion": "None"},
 ]
+
+# CuMA's fast router written out option by option rather than as conditioning="fast": the before/after runs build
+# the same adapter with older source trees, which have no preset
+FAST = {"router_input_norm": "balanced", "router_token_init_scale": 0.1, "router_profile_center": "train"}
+
+
+def build_adapter(method: str, profile_rows):
+    """An untrained-but-complete adapter of ``method`` ("lora" or "cuma", r=8 on q/v, random B, seed 0) on a fresh
+    SmolLM2-135M; CuMA with the fast router, its profile centre fitted on ``profile_rows`` (the profiles' embeddings)."""
+    import torch
+
+    from cuma import methods, models
+    from cuma.tuners.cuma.model import fit_profile_center
+
+    base = models.load_base("smollm2-135m")
+    torch.manual_seed(0)
+    if method == "lora":
+        return methods.build("lora", base, r=8, init_weights=False)
+    built = methods.build("cuma", base, profile_dim=profile_rows.shape[1], init_weights=False, **FAST)
+    fit_profile_center(built.model, profile_rows)
+    return built
 
 
 def free_port() -> int:

@@ -36,34 +36,23 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _serve_process import PROFILES, ServeProcess  # noqa: E402
+from _serve_process import FAST, PROFILES, ServeProcess, build_adapter  # noqa: E402
 
 QUESTION = "How important is family in your life?"
 OPTIONS = ["Very important", "Rather important", "Not very important", "Not at all important"]
-FAST = {"router_input_norm": "balanced", "router_token_init_scale": 0.1, "router_profile_center": "train"}
 TARGET_LATENCY, TARGET_STREAMS = 1.25, 0.8
 
 
 def build_adapters(out: Path) -> dict[str, Path]:
-    import torch
-
-    from cuma import methods, models
+    from cuma import methods
     from cuma.encoder import ProfileEncoder
     from cuma.profiles import Profile
-    from cuma.tuners.cuma.model import fit_profile_center
 
     enc = ProfileEncoder()
     rows = enc.encode([Profile(**p).to_text() for p in PROFILES]).float()
     paths = {}
     for name in ("lora", "cuma"):
-        base = models.load_base("smollm2-135m")
-        torch.manual_seed(0)
-        if name == "lora":
-            built = methods.build("lora", base, r=8, init_weights=False)
-        else:
-            built = methods.build("cuma", base, profile_dim=rows.shape[1], init_weights=False, **FAST)
-            fit_profile_center(built.model, rows)
-        methods.save(built, out / name)
+        methods.save(build_adapter(name, rows), out / name)
         paths[name] = out / name
     return paths
 

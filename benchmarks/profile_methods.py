@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-FAST = {"router_input_norm": "balanced", "router_token_init_scale": 0.1, "router_profile_center": "train"}
+from _serve_process import build_adapter  # noqa: E402
 PROFILE_TEXTS = [
     "Country: Egypt. Age: 25-34 years old. Gender: Female. Religion: Muslim.",
     "Country: Sweden. Age: 55-64 years old. Gender: Male. Religion: None.",
@@ -46,17 +46,7 @@ PROFILE_TEXTS = [
 
 def build(method: str, profiles: torch.Tensor):
     """An untrained-but-complete adapter of ``method`` on a fresh SmolLM2 (random B, seed 0), eval mode."""
-    from cuma import methods, models
-    from cuma.tuners.cuma.model import fit_profile_center
-
-    base = models.load_base("smollm2-135m")
-    torch.manual_seed(0)
-    if method == "lora":
-        built = methods.build("lora", base, r=8, init_weights=False)
-    else:
-        built = methods.build("cuma", base, profile_dim=profiles.shape[1], init_weights=False, **FAST)
-        fit_profile_center(built.model, profiles)
-    return built.model.eval()
+    return build_adapter(method, profiles).model.eval()
 
 
 def engine_call(model, ids, mask, pos, cache, profiles):
